@@ -1,0 +1,24 @@
+import copy
+import os
+import socket
+
+import pytest
+
+# Tests run offline: the hub libraries must never try the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the shipped SmolLM2-135M-Instruct, fp32, loaded once. Don't mutate it:
+    use `fresh_smollm2` for a private copy."""
+    import torch
+    from forge_rt.model_load import load_model
+    return load_model(dtype=torch.float32)
+
+
+@pytest.fixture
+def fresh_smollm2(smollm2):
+    model, tok = smollm2
+    return copy.deepcopy(model), tok
