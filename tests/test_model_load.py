@@ -47,3 +47,12 @@ def test_not_a_model_file(tmp_path):
     f.write_bytes(b"\0")
     with pytest.raises(ModelLoadError, match="not a .gguf"):
         check_model_path(f)
+
+
+def test_truncated_gguf_is_a_load_error(tmp_path):
+    from forge_rt.model_load import load_model
+    cut = tmp_path / "cut.gguf"
+    with open(default_gguf_path(), "rb") as src:
+        cut.write_bytes(src.read(2_000_000))
+    with pytest.raises(ModelLoadError, match="could not load model from .*cut.gguf"):
+        load_model(cut)
