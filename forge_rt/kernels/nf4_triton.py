@@ -1,0 +1,108 @@
+"""NF4 decoding in Triton: the per-element decode shared by the fused kernels, and a dequantize kernel.
+
+Reads the bitsandbytes layout of `forge_rt.nf4.NF4Weight` as is: flat element i of the (N, K) weight
+sits in byte i // 2, in the HIGH nibble when i is even; its scale is absmax[i // blocksize]. A
+double-quantized absmax (uint8 codes into `nested_code`, scaled per 256 blocks by `nested_absmax`,
+plus `offset`) is resolved inside the kernel, so no fp32 copy of the scales is ever made.
+
+Triton decides at import whether kernels run compiled or in the interpreter: set TRITON_INTERPRET=1
+before importing this module to run it on CPU tensors."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def nf4_decode(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, idx, mask,
+               BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
+    """fp32 values of the weight elements at flat indices `idx` (any shape); 0 where `mask` is off."""
+    byte = tl.load(packed_ptr + idx // 2, mask=mask, other=0).to(tl.int32)
+    shift = ((1 - idx % 2) * 4).to(tl.int32)  # even element -> high nibble
+    value = tl.load(code_ptr + ((byte >> shift) & 0xF))
+    block = idx // BLOCKSIZE
+    if DOUBLE_QUANT:
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        nested = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        scale = tl.load(nested_code_ptr + q) * nested + offset
+    else:
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return tl.where(mask, value * scale, 0.0)
+
+
+def scale_args(w) -> tuple:
+    """(absmax, nested_absmax, nested_code, offset, double_quant, nested_blocksize) for `nf4_decode`;
+    unused pointers repeat `absmax` so every launch has the same signature."""
+    device = w.packed.device
+    if w.nested_absmax is None:
+        if w.absmax.dtype != torch.float32:
+            raise ValueError(f"NF4Weight.absmax is {w.absmax.dtype}; without nested_absmax it must be float32 "
+                             "(a uint8 absmax needs nested_absmax, nested_code and offset)")
+        absmax = _on(w.absmax, device)
+        return absmax, absmax, absmax, 0.0, False, 256
+    if w.absmax.dtype != torch.uint8 or w.nested_code is None or w.offset is None:
+        raise ValueError("double-quantized NF4Weight needs a uint8 absmax, nested_code and offset; "
+                         f"got absmax {w.absmax.dtype}, nested_code {w.nested_code is not None}, "
+                         f"offset {w.offset is not None}")
+    return (_on(w.absmax, device), _on(w.nested_absmax, device).float(), _on(w.nested_code, device).float(),
+            float(w.offset), True, getattr(w, "nested_blocksize", 256))
+
+
+_codes: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def code_on(w) -> torch.Tensor:
+    """The fp32 [16] code book of `w.quant_type` on the device of `w.packed` (copied there once)."""
+    key = (w.quant_type, str(w.packed.device))
+    if key not in _codes:
+        _codes[key] = w.code().to(device=w.packed.device, dtype=torch.float32).contiguous()
+    return _codes[key]
+
+
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t.to(device).contiguous()
+
+
+def check_weight(w) -> None:
+    """Clear errors for an NF4Weight the kernels can't read, before launching anything."""
+    if w.packed.dtype != torch.uint8:
+        raise ValueError(f"NF4Weight.packed must be uint8, got {w.packed.dtype}")
+    n, k = w.shape
+    if w.packed.numel() != (n * k + 1) // 2:
+        raise ValueError(f"NF4Weight.packed has {w.packed.numel()} bytes; shape {tuple(w.shape)} needs "
+                         f"{(n * k + 1) // 2}")
+    if w.blocksize <= 0:
+        raise ValueError(f"NF4Weight.blocksize must be positive, got {w.blocksize}")
+
+
+@triton.jit
+def _dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, out_ptr,
+                       numel, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                       NESTED_BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < numel
+    value = nf4_decode(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, idx, mask,
+                       BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE)
+    tl.store(out_ptr + idx, value.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize(w, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The full-precision (N, K) weight of `w` in `dtype` (default: the weight's original dtype), on the
+    device of `w.packed`. Values are code[nibble] * absmax in fp32, then cast, as bitsandbytes does."""
+    dtype = dtype or w.dtype
+    if dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"dequantize: dtype must be one of {_FLOAT_DTYPES}, got {dtype}")
+    check_weight(w)
+    out = torch.empty(tuple(w.shape), dtype=dtype, device=w.packed.device)
+    numel = out.numel()
+    if numel == 0:
+        return out
+    absmax, nested_absmax, nested_code, offset, dq, nested_bs = scale_args(w)
+    block = 1024
+    _dequantize_kernel[(triton.cdiv(numel, block),)](
+        w.packed, absmax, code_on(w), nested_absmax, nested_code, offset, out, numel,
+        BLOCKSIZE=w.blocksize, DOUBLE_QUANT=dq, NESTED_BLOCKSIZE=nested_bs, BLOCK=block)
+    return out

@@ -1,0 +1,199 @@
+"""Triton backend of the fused 4-bit LoRA linear (see forge_rt/kernels/qlora_reference.py for the math).
+
+forward:         y  = x @ dequant(W).T + bias + scaling * xa @ B.T
+backward_input:  gx = g @ dequant(W)   + scaling * gb @ A
+
+Each is one kernel: NF4 is decoded tile by tile inside the reduction loop (never a full-precision W;
+backward reads W^T from the same packed bytes by indexing, no transposed copy), fp32 accumulation,
+the LoRA term and bias in the epilogue, output in x's dtype. A double-quantized absmax is decoded in
+the kernel too (see nf4_triton). The rank is reduced in chunks of a power of two >= 16 (tl.dot's
+minimum) with masks, so any rank works.
+
+Tile sizes are a fixed heuristic: they have not been tuned on a GPU (none was available)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from forge_rt.kernels.nf4_triton import check_weight, code_on, nf4_decode, scale_args
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _forward_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                    xa_ptr, b_ptr, bias_ptr, y_ptr, M, N, K, R, scaling,
+                    sxm, sxk, sam, sar, sbn, sbr, sym, syn,
+                    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+                    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_m = offs_m < M
+    in_n = offs_n < N
+    row = offs_n.to(tl.int64) * K  # flat index of W[n, 0]
+    dt = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        in_k = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * sxm + offs_k[None, :] * sxk,
+                    mask=in_m[:, None] & in_k[None, :], other=0.0)
+        # W^T tile [BLOCK_K, BLOCK_N]
+        wt = nf4_decode(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                        row[None, :] + offs_k[:, None], in_k[:, None] & in_n[None, :],
+                        BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE)
+        acc = tl.dot(x, wt.to(dt), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_LORA:
+        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            in_r = offs_r < R
+            xa = tl.load(xa_ptr + offs_m[:, None] * sam + offs_r[None, :] * sar,
+                         mask=in_m[:, None] & in_r[None, :], other=0.0)
+            bt = tl.load(b_ptr + offs_n[None, :] * sbn + offs_r[:, None] * sbr,
+                         mask=in_r[:, None] & in_n[None, :], other=0.0)
+            lora = tl.dot(xa.to(dt), bt.to(dt), lora, input_precision=PRECISION)
+        acc += scaling * lora
+    tl.store(y_ptr + offs_m[:, None] * sym + offs_n[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
+             mask=in_m[:, None] & in_n[None, :])
+
+
+@triton.jit
+def _backward_input_kernel(g_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                           gb_ptr, a_ptr, gx_ptr, M, N, K, R, scaling,
+                           sgm, sgn, sbm, sbr, sar, sak, sxm, sxk,
+                           BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+                           HAS_LORA: tl.constexpr, PRECISION: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           BLOCK_R: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    in_m = offs_m < M
+    in_k = offs_k < K
+    dt = g_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        in_n = offs_n < N
+        g = tl.load(g_ptr + offs_m[:, None] * sgm + offs_n[None, :] * sgn,
+                    mask=in_m[:, None] & in_n[None, :], other=0.0)
+        # W tile [BLOCK_N, BLOCK_K], straight from the packed (N, K) bytes
+        w = nf4_decode(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                       offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], in_n[:, None] & in_k[None, :],
+                       BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE)
+        acc = tl.dot(g, w.to(dt), acc, input_precision=PRECISION)
+    if HAS_LORA:
+        lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            in_r = offs_r < R
+            gb = tl.load(gb_ptr + offs_m[:, None] * sbm + offs_r[None, :] * sbr,
+                         mask=in_m[:, None] & in_r[None, :], other=0.0)
+            a = tl.load(a_ptr + offs_r[:, None] * sar + offs_k[None, :] * sak,
+                        mask=in_r[:, None] & in_k[None, :], other=0.0)
+            lora = tl.dot(gb.to(dt), a.to(dt), lora, input_precision=PRECISION)
+        acc += scaling * lora
+    tl.store(gx_ptr + offs_m[:, None] * sxm + offs_k[None, :] * sxk, acc.to(gx_ptr.dtype.element_ty),
+             mask=in_m[:, None] & in_k[None, :])
+
+
+def forward(x: torch.Tensor, w, xa: torch.Tensor | None, B: torch.Tensor | None, scaling: float,
+            bias: torch.Tensor | None) -> torch.Tensor:
+    """y[M, N] = x @ dequant(w).T + bias + scaling * xa @ B.T, in x's dtype (xa: [M, r], B: [N, r])."""
+    n, k = _check_weight_on(w, x)
+    m = _check_2d("x", x, k, "in_features")
+    lora = _check_lora("xa", xa, "B", B, m, n, x)
+    if bias is not None and (bias.shape != (n,) or bias.device != x.device):
+        raise ValueError(f"bias must be [{n}] on {x.device}, got {tuple(bias.shape)} on {bias.device}")
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    r = xa.shape[1] if lora else 0
+    xa_, b_ = (xa, B) if lora else (x, x)  # placeholders when there is no LoRA term
+    absmax, nested_absmax, nested_code, offset, dq, nested_bs = scale_args(w)
+    bm, bn, bk, br = _tiles(m, r)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    _forward_kernel[grid](
+        x, w.packed, absmax, code_on(w), nested_absmax, nested_code, offset,
+        xa_, b_, bias if bias is not None else x, y, m, n, k, r, float(scaling),
+        x.stride(0), x.stride(1), xa_.stride(0), xa_.stride(1), b_.stride(0), b_.stride(1),
+        y.stride(0), y.stride(1),
+        BLOCKSIZE=w.blocksize, DOUBLE_QUANT=dq, NESTED_BLOCKSIZE=nested_bs, HAS_LORA=lora,
+        HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, num_warps=4, num_stages=3)
+    return y
+
+
+def backward_input(g: torch.Tensor, w, gb: torch.Tensor | None, A: torch.Tensor | None,
+                   scaling: float) -> torch.Tensor:
+    """gx[M, K] = g @ dequant(w) + scaling * gb @ A, in g's dtype (gb: [M, r], A: [r, K])."""
+    n, k = _check_weight_on(w, g)
+    m = _check_2d("g", g, n, "out_features")
+    lora = _check_lora("gb", gb, "A", A, m, k, g, b_is_r_by_n=True)
+    gx = torch.empty((m, k), dtype=g.dtype, device=g.device)
+    if m == 0 or k == 0:
+        return gx
+    r = gb.shape[1] if lora else 0
+    gb_, a_ = (gb, A) if lora else (g, g)
+    absmax, nested_absmax, nested_code, offset, dq, nested_bs = scale_args(w)
+    bm, bn, bk, br = _tiles(m, r)
+    grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
+    _backward_input_kernel[grid](
+        g, w.packed, absmax, code_on(w), nested_absmax, nested_code, offset,
+        gb_, a_, gx, m, n, k, r, float(scaling),
+        g.stride(0), g.stride(1), gb_.stride(0), gb_.stride(1), a_.stride(0), a_.stride(1),
+        gx.stride(0), gx.stride(1),
+        BLOCKSIZE=w.blocksize, DOUBLE_QUANT=dq, NESTED_BLOCKSIZE=nested_bs, HAS_LORA=lora,
+        PRECISION=_precision(g.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br,
+        num_warps=4, num_stages=3)
+    return gx
+
+
+def _tiles(m: int, r: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R): tl.dot needs every side >= 16; small M (decode) gets a thin M tile."""
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    br = min(64, max(16, triton.next_power_of_2(max(r, 1))))
+    return bm, 64, 64, br
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 inputs: IEEE products unless torch itself allows TF32 for fp32 matmuls (as the reference would)."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _check_weight_on(w, like: torch.Tensor) -> tuple[int, int]:
+    check_weight(w)
+    if w.packed.device != like.device:
+        raise ValueError(f"NF4 weight is on {w.packed.device} but the input is on {like.device}; move one of them")
+    return tuple(w.shape)
+
+
+def _check_2d(name: str, t: torch.Tensor, cols: int, what: str) -> int:
+    if t.dim() != 2 or t.shape[1] != cols:
+        raise ValueError(f"{name} must be 2-D [M, {cols}] ({what} of the NF4 weight), got {tuple(t.shape)}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    return t.shape[0]
+
+
+def _check_lora(a_name: str, a: torch.Tensor | None, b_name: str, b: torch.Tensor | None, m: int, n: int,
+                like: torch.Tensor, b_is_r_by_n: bool = False) -> bool:
+    """Validates the LoRA pair: a [m, r] and b [n, r] (or [r, n]), both or neither; True when present."""
+    if (a is None) != (b is None):
+        raise ValueError(f"pass both {a_name} and {b_name} for the LoRA term, or neither")
+    if a is None:
+        return False
+    b_shape = tuple(reversed(b.shape)) if b_is_r_by_n else tuple(b.shape)
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != m or b_shape[0] != n or a.shape[1] != b_shape[1] \
+            or a.shape[1] == 0:
+        want_b = f"[r, {n}]" if b_is_r_by_n else f"[{n}, r]"
+        raise ValueError(f"LoRA shapes don't fit: {a_name} must be [{m}, r] and {b_name} {want_b} with the same "
+                         f"r >= 1; got {a_name} {tuple(a.shape)}, {b_name} {tuple(b.shape)}")
+    for name, t in ((a_name, a), (b_name, b)):
+        if t.dtype not in _FLOAT_DTYPES or t.device != like.device:
+            raise ValueError(f"{name} must be a float tensor on {like.device}, got {t.dtype} on {t.device}")
+    return True
