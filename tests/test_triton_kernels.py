@@ -1,0 +1,135 @@
+"""Triton backend of the fused NF4 LoRA linear, run in Triton's CPU interpreter.
+
+Oracle: the weight dequantized by bitsandbytes' own dequantize_4bit (the format's peer), then plain
+PyTorch matmuls in fp32. fp16 kernels are compared with that fp32 oracle on the same fp16 inputs, so
+the only allowed error is fp32 summation order plus the final fp16 rounding. bf16 is not tested: the
+interpreter's bf16 tl.dot is wrong (see design.md)."""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # must precede the kernels' import: Triton picks the mode at decoration
+
+import types
+
+import bitsandbytes.functional as bnbf
+import pytest
+import torch
+
+from forge_rt.kernels import nf4_triton, qlora_triton
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3}
+
+
+def make_weight(n, k, blocksize, double_quant, quant_type="nf4", seed=0):
+    """(NF4Weight-like, fp32 dequantized oracle) quantized by bitsandbytes."""
+    W = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    packed, st = bnbf.quantize_4bit(W, blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type)
+    w = types.SimpleNamespace(
+        packed=packed.flatten(), absmax=st.absmax, shape=torch.Size((n, k)), dtype=torch.float32,
+        blocksize=blocksize, quant_type=quant_type,
+        nested_absmax=st.state2.absmax if double_quant else None,
+        nested_code=st.state2.code if double_quant else None,
+        offset=float(st.offset) if double_quant else None,
+        code=lambda: bnbf.get_4bit_type(quant_type, device="cpu"))
+    return w, bnbf.dequantize_4bit(packed, st)
+
+
+def rel_err(out, ref):
+    return ((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+# (M, N, K, blocksize, double_quant): no side a multiple of the tiles, K not a multiple of the blocksize
+SHAPES = [(1, 17, 70, 64, True), (5, 70, 130, 64, False), (33, 130, 17, 128, True),
+          (5, 130, 70, 128, False), (20, 33, 200, 64, True)]
+RANKS = [None, 1, 8, 33]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}N{}K{}bs{}{}".format(*s[:4], "dq" if s[4] else ""))
+@pytest.mark.parametrize("rank", RANKS, ids=lambda r: f"r{r}")
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_forward_matches_oracle(dtype, shape, rank, with_bias):
+    m, n, k, bs, dq = shape
+    w, W = make_weight(n, k, bs, dq)
+    x = torch.randn(m, k).to(dtype)
+    xa = torch.randn(m, rank).to(dtype) if rank else None
+    B = torch.randn(n, rank).to(dtype) if rank else None
+    bias = torch.randn(n).to(dtype) if with_bias else None
+    y = qlora_triton.forward(x, w, xa, B, 0.75, bias)
+    ref = x.float() @ W.to(dtype).float().T
+    if with_bias:
+        ref += bias.float()
+    if rank:
+        ref += 0.75 * xa.float() @ B.float().T
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert rel_err(y, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}N{}K{}bs{}{}".format(*s[:4], "dq" if s[4] else ""))
+@pytest.mark.parametrize("rank", RANKS, ids=lambda r: f"r{r}")
+def test_backward_input_matches_oracle(dtype, shape, rank):
+    m, n, k, bs, dq = shape
+    w, W = make_weight(n, k, bs, dq)
+    g = torch.randn(m, n).to(dtype)
+    gb = torch.randn(m, rank).to(dtype) if rank else None
+    A = torch.randn(rank, k).to(dtype) if rank else None
+    gx = qlora_triton.backward_input(g, w, gb, A, 0.75)
+    ref = g.float() @ W.to(dtype).float()
+    if rank:
+        ref += 0.75 * gb.float() @ A.float()
+    assert gx.dtype == dtype and gx.shape == (m, k)
+    assert rel_err(gx, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("rank", [64, 65, 256])
+def test_large_ranks_span_several_rank_chunks(rank):
+    w, W = make_weight(40, 50, 64, False)
+    x, xa, B = torch.randn(3, 50), torch.randn(3, rank), torch.randn(40, rank)
+    assert rel_err(qlora_triton.forward(x, w, xa, B, 0.1, None), x @ W.T + 0.1 * xa @ B.T) <= 1e-5
+    g, gb, A = torch.randn(3, 40), torch.randn(3, rank), torch.randn(rank, 50)
+    assert rel_err(qlora_triton.backward_input(g, w, gb, A, 0.1), g @ W + 0.1 * gb @ A) <= 1e-5
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize,double_quant", [(64, False), (64, True), (128, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_dequantize_equals_bitsandbytes(quant_type, blocksize, double_quant, dtype):
+    w, W = make_weight(33, 75, blocksize, double_quant, quant_type)  # odd element count: last byte half used
+    out = nf4_triton.dequantize(w, dtype)
+    assert out.dtype == dtype and out.shape == (33, 75)
+    if dtype == torch.bfloat16:
+        # the interpreter truncates fp32 -> bf16 (a GPU rounds to nearest even): allow one bf16 ulp
+        assert ((out.float() - W).abs() <= W.abs() * 2.0**-7).all()
+    else:
+        assert torch.equal(out, W.to(dtype))
+
+
+def test_strided_inputs_and_empty_batch():
+    w, W = make_weight(20, 70, 64, True)
+    x = torch.randn(4, 140)[:, ::2]  # non-contiguous view
+    assert rel_err(qlora_triton.forward(x, w, None, None, 1.0, None), x @ W.T) <= 1e-5
+    assert qlora_triton.forward(torch.empty(0, 70), w, None, None, 1.0, None).shape == (0, 20)
+    assert qlora_triton.backward_input(torch.empty(0, 20), w, None, None, 1.0).shape == (0, 70)
+
+
+def test_bad_inputs_get_clear_errors():
+    w, _ = make_weight(20, 70, 64, False)
+    x = torch.randn(3, 70)
+    with pytest.raises(ValueError, match=r"x must be 2-D \[M, 70\]"):
+        qlora_triton.forward(torch.randn(3, 71), w, None, None, 1.0, None)
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        qlora_triton.forward(x.to(torch.int32), w, None, None, 1.0, None)
+    with pytest.raises(ValueError, match="both xa and B"):
+        qlora_triton.forward(x, w, torch.randn(3, 4), None, 1.0, None)
+    with pytest.raises(ValueError, match="LoRA shapes don't fit"):
+        qlora_triton.forward(x, w, torch.randn(3, 4), torch.randn(20, 5), 1.0, None)
+    with pytest.raises(ValueError, match=r"A \[r, 70\]"):
+        qlora_triton.backward_input(torch.randn(3, 20), w, torch.randn(3, 4), torch.randn(70, 4), 1.0)
+    with pytest.raises(ValueError, match=r"bias must be \[20\]"):
+        qlora_triton.forward(x, w, None, None, 1.0, torch.randn(21))
+    bad = types.SimpleNamespace(**{**vars(w), "packed": w.packed[:-1]})
+    with pytest.raises(ValueError, match="needs 700"):
+        qlora_triton.forward(x, bad, None, None, 1.0, None)
+    half_dq = types.SimpleNamespace(**{**vars(w), "absmax": w.absmax.to(torch.uint8)})
+    with pytest.raises(ValueError, match="must be float32"):
+        nf4_triton.dequantize(half_dq)
