@@ -90,6 +90,17 @@ def test_large_ranks_span_several_rank_chunks(rank):
     assert rel_err(qlora_triton.backward_input(g, w, gb, A, 0.1), g @ W + 0.1 * gb @ A) <= 1e-5
 
 
+def test_lora_term_runs_in_the_adapter_dtype():
+    """ops.py hands fp32 xa / gb from fp32 adapters under an fp16 base: no fp16 rounding of that term."""
+    w, W = make_weight(40, 50, 64, True)
+    x, xa, B = torch.randn(3, 50).half(), torch.randn(3, 8), torch.randn(40, 8)
+    ref = x.float() @ W.half().float().T + 0.5 * xa @ B.T
+    assert rel_err(qlora_triton.forward(x, w, xa, B, 0.5, None), ref) <= 1e-3
+    g, gb, A = torch.randn(3, 40).half(), torch.randn(3, 8), torch.randn(8, 50)
+    ref = g.float() @ W.half().float() + 0.5 * gb @ A
+    assert rel_err(qlora_triton.backward_input(g, w, gb, A, 0.5), ref) <= 1e-3
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("blocksize,double_quant", [(64, False), (64, True), (128, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
@@ -133,3 +144,36 @@ def test_bad_inputs_get_clear_errors():
     half_dq = types.SimpleNamespace(**{**vars(w), "absmax": w.absmax.to(torch.uint8)})
     with pytest.raises(ValueError, match="must be float32"):
         nf4_triton.dequantize(half_dq)
+
+
+def _run_op(x, w, A, B, bias, dropout, gy):
+    """Output and the grads of x, A, B, bias of one qlora_linear call on the current backend."""
+    from forge_rt import ops
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, A, B, bias)]
+    torch.manual_seed(1)  # same dropout mask on both backends
+    y = ops.qlora_linear(leaves[0], w, leaves[1], leaves[2], 0.5, leaves[3], dropout)
+    y.backward(gy)
+    return [y] + [t.grad for t in leaves if t is not None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("quant_type,blocksize,double_quant,with_bias,dropout",
+                         [("nf4", 64, True, True, 0.0), ("nf4", 128, False, False, 0.0),
+                          ("fp4", 64, False, True, 0.1)])
+def test_qlora_linear_on_triton_matches_reference_backend(monkeypatch, dtype, quant_type, blocksize,
+                                                          double_quant, with_bias, dropout):
+    from forge_rt import backend, nf4
+    n, k, r = 70, 130, 8
+    w = nf4.quantize(torch.randn(n, k, dtype=dtype), blocksize, double_quant, quant_type)
+    x = torch.randn(2, 3, k).to(dtype)
+    A, B = torch.randn(r, k) * 0.1, torch.randn(n, r) * 0.1  # fp32 adapters, as PEFT keeps them
+    bias = torch.randn(n).to(dtype) if with_bias else None
+    gy = torch.randn(2, 3, n).to(dtype)
+    backend.triton_status.cache_clear()  # TRITON_INTERPRET was set above, maybe after a first probe
+    results = {}
+    for name in ("triton", "reference"):
+        monkeypatch.setenv("FORGE_RT_BACKEND", name)
+        results[name] = _run_op(x, w, A, B, bias, dropout, gy)
+    for got, ref in zip(results["triton"], results["reference"]):
+        assert got.dtype == ref.dtype and got.shape == ref.shape
+        assert rel_err(got, ref.float()) <= (2e-3 if dtype == torch.float16 else 1e-5)

@@ -6,8 +6,9 @@ backward_input:  gx = g @ dequant(W)   + scaling * gb @ A
 Each is one kernel: NF4 is decoded tile by tile inside the reduction loop (never a full-precision W;
 backward reads W^T from the same packed bytes by indexing, no transposed copy), fp32 accumulation,
 the LoRA term and bias in the epilogue, output in x's dtype. A double-quantized absmax is decoded in
-the kernel too (see nf4_triton). The rank is reduced in chunks of a power of two >= 16 (tl.dot's
-minimum) with masks, so any rank works.
+the kernel too (see nf4_triton). The LoRA product runs in the dtype of xa / gb (ops.py computes them
+in the adapter's dtype, often fp32 under an fp16/bf16 base model), reducing the rank in chunks of a
+power of two >= 16 (tl.dot's minimum) with masks, so any rank works.
 
 Tile sizes are a fixed heuristic: they have not been tuned on a GPU (none was available)."""
 from __future__ import annotations
@@ -56,7 +57,7 @@ def _forward_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, 
                          mask=in_m[:, None] & in_r[None, :], other=0.0)
             bt = tl.load(b_ptr + offs_n[None, :] * sbn + offs_r[:, None] * sbr,
                          mask=in_r[:, None] & in_n[None, :], other=0.0)
-            lora = tl.dot(xa.to(dt), bt.to(dt), lora, input_precision=PRECISION)
+            lora = tl.dot(xa, bt.to(xa.dtype), lora, input_precision=PRECISION)
         acc += scaling * lora
     tl.store(y_ptr + offs_m[:, None] * sym + offs_n[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
              mask=in_m[:, None] & in_n[None, :])
@@ -95,7 +96,7 @@ def _backward_input_kernel(g_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absma
                          mask=in_m[:, None] & in_r[None, :], other=0.0)
             a = tl.load(a_ptr + offs_r[:, None] * sar + offs_k[None, :] * sak,
                         mask=in_r[:, None] & in_k[None, :], other=0.0)
-            lora = tl.dot(gb.to(dt), a.to(dt), lora, input_precision=PRECISION)
+            lora = tl.dot(gb, a.to(gb.dtype), lora, input_precision=PRECISION)
         acc += scaling * lora
     tl.store(gx_ptr + offs_m[:, None] * sxm + offs_k[None, :] * sxk, acc.to(gx_ptr.dtype.element_ty),
              mask=in_m[:, None] & in_k[None, :])
