@@ -6,6 +6,7 @@ temporary directory, fsynced, then renamed into place; older checkpoints are del
 so a crash or a full disk mid-write leaves the previous checkpoint whole."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -14,7 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 _NAME = re.compile(r"step-(\d{8})")
 
@@ -29,6 +30,14 @@ def _fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write(path: Path, data: bytes) -> None:
+    # Serialized in memory and written by Python, so a full disk surfaces as OSError (ENOSPC/EFBIG).
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def capture_rng() -> dict:
@@ -49,13 +58,13 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], opt
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        save_file({k: v.detach().contiguous() for k, v in weights.items()}, tmp / "weights.safetensors")
         rng = capture_rng()
-        torch.save({"optimizer": optimizer, "scheduler": scheduler, "torch_rng": rng["torch"]}, tmp / "state.pt")
-        (tmp / "progress.json").write_text(json.dumps(
-            {"step": step, "data": data_state, "python_rng": _py_rng_to_json(rng["python"])}))
-        for f in tmp.iterdir():
-            _fsync_path(f)
+        state = io.BytesIO()
+        torch.save({"optimizer": optimizer, "scheduler": scheduler, "torch_rng": rng["torch"]}, state)
+        _write(tmp / "weights.safetensors", save({k: v.detach().contiguous() for k, v in weights.items()}))
+        _write(tmp / "state.pt", state.getvalue())
+        _write(tmp / "progress.json", json.dumps(
+            {"step": step, "data": data_state, "python_rng": _py_rng_to_json(rng["python"])}).encode())
         _fsync_path(tmp)
         if final.exists():  # re-checkpointing the same step (e.g. interrupt right after a periodic save)
             shutil.rmtree(final)

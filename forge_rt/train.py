@@ -301,7 +301,7 @@ def _evaluate(model, tok, evals, retention, cfg: TrainConfig) -> dict:
     from forge_rt.evaluate import evaluate
     model.eval()
     with torch.no_grad():
-        res = evaluate(model, tok, evals if evals is not None else [], retention,
+        res = evaluate(model, tok, evals, retention,
                        batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens)
     return res
 
@@ -433,7 +433,9 @@ def run_training(cfg: TrainConfig, run: Path, resume: str | None, guard=None) ->
         print(f"resume: {last} (step {resume_state['step']})", flush=True)
 
     eval_base_path = run / "eval_base.json"
-    do_eval = not cfg.no_eval
+    do_eval = not cfg.no_eval and evals is not None
+    if not cfg.no_eval and evals is None:
+        print("eval: skipped, no --eval-data given for this dataset", flush=True)
     t_eval = 0.0
     if do_eval and not eval_base_path.exists():
         t0 = time.time()

@@ -1,0 +1,111 @@
+"""Trainer end to end on a tiny random Llama: run directory, metrics, resume, signals, offline."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+
+import pytest
+import torch
+
+from forge_rt import train
+from tiny_run import make_tiny_model_dir, tiny_args, tiny_rows, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tiny(smollm2, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    model_dir = make_tiny_model_dir(root / "model", smollm2[1])
+    data = write_jsonl(root / "train.jsonl", tiny_rows())
+    return model_dir, data
+
+
+def _records(run):
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_default_path_writes_complete_run_dir(tiny, tmp_path):
+    model_dir, data = tiny
+    evals = write_jsonl(tmp_path / "eval.jsonl", tiny_rows(4))
+    run = tmp_path / "run"
+    args = tiny_args(model_dir, data, run, "--max-len", "40", "--eval-data", str(evals), "--max-new-tokens", "4")
+    args.remove("--no-eval")
+    assert train.main(args) == 0
+    for name in ("config.json", "metrics.jsonl", "metrics.json", "report.md", "loss.png", "memory.png",
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "tokenizer/tokenizer.json"):
+        assert (run / name).is_file(), name
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000006"]
+    recs = _records(run)
+    assert [r["step"] for r in recs] == list(range(1, 7))
+    assert all(r["tokens_per_s"] > 0 and r["rss_bytes"] > 0 and r["lr"] >= 0 for r in recs)
+    assert recs[0]["paging"] is not None  # paging is on by default
+    m = json.loads((run / "metrics.json").read_text())
+    for key in ("score_base", "score_tuned", "ppl_retention_base", "ppl_retention_tuned"):
+        assert isinstance(m[key], float | int), key
+    assert m["fused"] is True and m["steps"] == 6
+    assert m["data"]["format"] == "prompt_completion" and m["data"]["n_truncated"] > 0  # max_len 40 truncates
+    assert m["egress_attempts"] == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["max_len"] == 40 and cfg["lora_r"] == 4 and cfg["model"] == str(model_dir)
+    assert "| score |" in (run / "report.md").read_text()
+    # The adapter's LoRA B matrices moved away from their zero init.
+    from safetensors.torch import load_file
+    w = load_file(run / "adapter/adapter_model.safetensors")
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in w.items())
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "stock"])
+def test_interrupt_and_resume_matches_uninterrupted(tiny, tmp_path, monkeypatch, fused):
+    model_dir, data = tiny
+    flags = () if fused else ("--no-fused", "--no-paging")
+    full = tmp_path / "full"
+    assert train.main(tiny_args(model_dir, data, full, *flags)) == 0
+
+    # A real SIGINT delivered during optimizer step 3 (of 6): the trainer finishes the step,
+    # checkpoints and exits cleanly.
+    calls = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def step_then_signal(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, *a, **k)
+
+    handler_before = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_signal)
+    part = tmp_path / "part"
+    assert train.main(tiny_args(model_dir, data, part, *flags)) == 128 + signal.SIGINT
+    assert [p.name for p in (part / "checkpoints").iterdir()] == ["step-00000003"]
+    assert not (part / "adapter").exists()
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handler restored
+
+    assert train.main(["--resume", str(part), "--no-live"]) == 0
+    a, b = _records(full), _records(part)
+    assert [r["step"] for r in b] == [r["step"] for r in a] == list(range(1, 7))
+    assert abs(b[-1]["loss"] - a[-1]["loss"]) <= 0.02 * abs(a[-1]["loss"])
+    # Same optimizer trajectory: restored optimizer/scheduler/RNG/data order give the same losses.
+    assert [r["lr"] for r in b] == [r["lr"] for r in a]
+    torch.testing.assert_close([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-4, atol=1e-5)
+
+
+def test_no_outbound_connection_attempted(tiny, tmp_path, monkeypatch):
+    model_dir, data = tiny
+    attempts = []
+    real_connect = socket.socket.connect
+
+    def guarded(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if self.family in (socket.AF_INET, socket.AF_INET6) and host not in ("127.0.0.1", "::1", "localhost"):
+            attempts.append(address)
+            raise OSError("outbound connection blocked by test")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+    run = tmp_path / "run"
+    assert train.main(tiny_args(model_dir, data, run, "--max-steps", "2")) == 0
+    assert attempts == []
+    assert json.loads((run / "metrics.json").read_text())["egress_attempts"] == 0
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
