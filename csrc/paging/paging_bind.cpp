@@ -1,5 +1,93 @@
 // Python bindings for the paging capability (kept thin: argument checks and pointer casts only).
+// Pointers arrive as integers (tensor.data_ptr()); the GIL is released around codec work so the
+// pager's writer/reader threads and autograd keep running.
 #include <pybind11/pybind11.h>
-namespace py = pybind11;
+#include <pybind11/stl.h>
 
-void register_paging(py::module_& m) { (void)m; }
+#include <cstdint>
+#include <vector>
+
+#include "paging/blob_hd.h"
+#ifdef FORGE_RT_HAS_NVCOMP
+#include "paging/bitshuffle.h"
+#include "paging/codec.h"
+#endif
+namespace py = pybind11;
+using namespace forge_paging;
+
+namespace {
+template <class T>
+T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+// The CUDA compaction's per-chunk logic run on the CPU: each "lane" copies a strided share of a
+// payload, as one thread of the kernel's block would.
+std::pair<std::vector<uint64_t>, uint64_t> compact_reference(uintptr_t slots, const std::vector<uint32_t>& stored,
+                                                             uint64_t slot_bytes, uintptr_t blob, uint32_t lanes) {
+  const uint32_t n = uint32_t(stored.size());
+  std::vector<ChunkEntry> entries(n);
+  for (uint32_t i = 0; i < n; ++i) entries[i] = ChunkEntry{stored[i], 0};
+  std::vector<uint64_t> offsets(n);
+  const uint64_t total = plan_offsets(entries.data(), n, offsets.data());
+  if (blob)
+    for (uint32_t i = 0; i < n; ++i) {
+      const ChunkDesc d = describe_chunk(i, entries.data(), offsets.data(), slot_bytes);
+      for (uint32_t lane = 0; lane < lanes; ++lane) copy_lane(ptr<uint8_t>(blob), ptr<const uint8_t>(slots), d, lane, lanes);
+    }
+  return {offsets, total};
+}
+}  // namespace
+
+void register_paging(py::module_& m) {
+  auto p = m.def_submodule("paging", "LZ4 activation paging codec");
+  p.attr("RAW_FLAG") = kRawFlag;
+  p.attr("TABLE_BYTES_PER_CHUNK") = sizeof(ChunkEntry);
+  p.attr("HEADER_BYTES") = sizeof(BlobHeader);
+  p.def("stored_field", &stored_field, py::arg("comp_len"), py::arg("raw_len"));
+  p.def("compact_reference", &compact_reference, py::arg("slots"), py::arg("stored"), py::arg("slot_bytes"),
+        py::arg("blob"), py::arg("lanes"),
+        "plan offsets and copy chunk payloads with the CUDA kernel's __host__ __device__ code; -> (offsets, total)");
+#ifdef FORGE_RT_HAS_NVCOMP
+  p.attr("available") = true;
+  static py::exception<CodecError> codec_error(p, "CodecError", PyExc_RuntimeError);
+  py::class_<Codec>(p, "Codec")
+      .def(py::init<int, int, uint32_t>(), py::arg("threads"), py::arg("level"), py::arg("chunk_bytes"))
+      .def("compress",
+           [](Codec& c, uintptr_t src, uint64_t nbytes, uint32_t width, bool half, double min_ratio) {
+             return c.compress(ptr<const uint8_t>(src), nbytes, width, half, min_ratio);
+           },
+           py::arg("src"), py::arg("nbytes"), py::arg("width"), py::arg("half"), py::arg("min_ratio"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("take", [](const Codec& c, uintptr_t dst) { c.take(ptr<uint8_t>(dst)); },
+           py::call_guard<py::gil_scoped_release>())
+      .def("decompress",
+           [](const Codec& c, uintptr_t blob, uint64_t blob_bytes, uintptr_t dst, uint64_t nbytes, uint32_t width,
+              bool half) { c.decompress(ptr<const uint8_t>(blob), blob_bytes, ptr<uint8_t>(dst), nbytes, width, half); },
+           py::arg("blob"), py::arg("blob_bytes"), py::arg("dst"), py::arg("nbytes"), py::arg("width"), py::arg("half"),
+           py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("slot_bytes", &Codec::slot_bytes)
+      .def("last_slots", [](const Codec& c) {
+        return py::bytes(reinterpret_cast<const char*>(c.slots().data()), c.slots().size());
+      })
+      .def("last_stored", [](const Codec& c) {
+        std::vector<uint32_t> s;
+        for (const auto& e : c.entries()) s.push_back(e.stored);
+        return s;
+      });
+  p.def("bitshuffle",
+        [](uintptr_t src, uintptr_t dst, size_t n, size_t width, bool simd) {
+          std::vector<uint8_t> tmp(n * width);
+          bitshuffle(ptr<const uint8_t>(src), ptr<uint8_t>(dst), tmp.data(), n, width, simd);
+        },
+        py::arg("src"), py::arg("dst"), py::arg("n"), py::arg("width"), py::arg("simd") = true);
+  p.def("bitunshuffle",
+        [](uintptr_t src, uintptr_t dst, size_t n, size_t width, bool simd) {
+          std::vector<uint8_t> tmp(n * width);
+          bitunshuffle(ptr<const uint8_t>(src), ptr<uint8_t>(dst), tmp.data(), n, width, simd);
+        },
+        py::arg("src"), py::arg("dst"), py::arg("n"), py::arg("width"), py::arg("simd") = true);
+  p.def("fp32_low16_zero", [](uintptr_t src, uint64_t n) { return fp32_low16_zero(ptr<const uint8_t>(src), n); },
+        py::arg("src"), py::arg("n"), py::call_guard<py::gil_scoped_release>());
+#else
+  p.attr("available") = false;
+#endif
+}

@@ -1,0 +1,109 @@
+// Layout of one paged tensor's blob, shared by the CPU codec and the CUDA compaction kernel:
+//   [BlobHeader][ChunkEntry x n_chunks][payload of chunk 0][payload of chunk 1]...
+// Each chunk is compressed into its own fixed-size scratch slot; compaction then moves the
+// payloads next to each other at offsets given by an exclusive scan of the stored sizes.
+// A chunk whose LZ4 output would not be smaller is stored raw (its bit-shuffled bytes).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define FORGE_HD __host__ __device__
+#else
+#define FORGE_HD
+#endif
+
+namespace forge_paging {
+
+constexpr uint32_t kBlobMagic = 0x31505246u;  // "FRP1"
+constexpr uint32_t kRawFlag = 0x80000000u;    // ChunkEntry.stored: payload is not LZ4
+constexpr uint32_t kFlagHalf = 1u;            // BlobHeader.flags: fp32 stored as its high 16 bits
+
+struct BlobHeader {
+  uint32_t magic;
+  uint32_t n_chunks;
+  uint32_t chunk_bytes;   // logical bytes per chunk (last chunk may be shorter)
+  uint32_t width;         // element width the bit-shuffle used (logical stream)
+  uint64_t logical_bytes; // bytes of the logical stream (half of the tensor when kFlagHalf)
+  uint32_t flags;
+  uint32_t reserved;
+};
+static_assert(sizeof(BlobHeader) == 32, "BlobHeader is 32 bytes");
+
+struct ChunkEntry {
+  uint32_t stored;  // payload bytes, | kRawFlag when raw
+  uint32_t crc;     // crc32 of the payload bytes
+};
+
+struct ChunkDesc {
+  uint64_t src;     // offset of the payload in the scratch slots
+  uint64_t dst;     // offset of the payload in the blob
+  uint32_t len;     // payload bytes
+  bool raw;
+};
+
+FORGE_HD inline uint32_t n_chunks_for(uint64_t logical_bytes, uint32_t chunk_bytes) {
+  return uint32_t((logical_bytes + chunk_bytes - 1) / chunk_bytes);
+}
+
+FORGE_HD inline uint32_t chunk_len(uint32_t i, uint64_t logical_bytes, uint32_t chunk_bytes) {
+  const uint64_t start = uint64_t(i) * chunk_bytes;
+  const uint64_t rest = logical_bytes - start;
+  return uint32_t(rest < chunk_bytes ? rest : chunk_bytes);
+}
+
+FORGE_HD inline uint64_t table_bytes(uint32_t n_chunks) {
+  return sizeof(BlobHeader) + uint64_t(n_chunks) * sizeof(ChunkEntry);
+}
+
+// The entry's stored field for a chunk of raw_len bytes whose LZ4 output is comp_len bytes.
+FORGE_HD inline uint32_t stored_field(uint64_t comp_len, uint32_t raw_len) {
+  return comp_len < raw_len ? uint32_t(comp_len) : (raw_len | kRawFlag);
+}
+
+FORGE_HD inline uint32_t payload_len(uint32_t stored) { return stored & ~kRawFlag; }
+
+// Exclusive scan of payload lengths; returns the blob's total size. Sequential on purpose: one
+// thread per tensor, n_chunks is a few thousand at most.
+FORGE_HD inline uint64_t plan_offsets(const ChunkEntry* entries, uint32_t n_chunks, uint64_t* offsets) {
+  uint64_t at = table_bytes(n_chunks);
+  for (uint32_t i = 0; i < n_chunks; ++i) {
+    offsets[i] = at;
+    at += payload_len(entries[i].stored);
+  }
+  return at;
+}
+
+FORGE_HD inline ChunkDesc describe_chunk(uint32_t i, const ChunkEntry* entries, const uint64_t* offsets,
+                                         uint64_t slot_bytes) {
+  ChunkDesc d;
+  d.src = uint64_t(i) * slot_bytes;
+  d.dst = offsets[i];
+  d.len = payload_len(entries[i].stored);
+  d.raw = (entries[i].stored & kRawFlag) != 0;
+  return d;
+}
+
+// Bytes [lane, lane + lanes, ...) of one payload; the GPU runs one block per chunk, the CPU lanes=1.
+FORGE_HD inline void copy_lane(uint8_t* blob, const uint8_t* slots, const ChunkDesc& d, uint32_t lane,
+                               uint32_t lanes) {
+  for (uint64_t k = lane; k < d.len; k += lanes) blob[d.dst + k] = slots[d.src + k];
+}
+
+// Validates a blob's header and table against its size; returns 0 or a reason code (see codec.cpp).
+FORGE_HD inline int check_table(const BlobHeader& h, const ChunkEntry* entries, uint64_t blob_bytes,
+                                uint64_t expect_logical) {
+  if (h.magic != kBlobMagic) return 1;
+  if (h.logical_bytes != expect_logical) return 2;
+  if (h.chunk_bytes == 0 || h.n_chunks != n_chunks_for(h.logical_bytes, h.chunk_bytes)) return 2;
+  if (blob_bytes < table_bytes(h.n_chunks)) return 3;
+  uint64_t total = table_bytes(h.n_chunks);
+  for (uint32_t i = 0; i < h.n_chunks; ++i) {
+    const uint32_t len = payload_len(entries[i].stored);
+    if ((entries[i].stored & kRawFlag) && len != chunk_len(i, h.logical_bytes, h.chunk_bytes)) return 4;
+    total += len;
+  }
+  return total == blob_bytes ? 0 : 3;
+}
+
+}  // namespace forge_paging

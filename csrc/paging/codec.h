@@ -1,0 +1,50 @@
+// CPU codec for paged tensors: bit-shuffle + nvCOMP LZ4 (CPU library) per 64 KiB chunk, chunks in
+// parallel on a blocking thread pool, per-chunk crc32, incompressible chunks stored raw. Blob layout: blob_hd.h.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "paging/blob_hd.h"
+#include "paging/pool.h"
+
+namespace forge_paging {
+
+struct CodecError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+class Codec {
+ public:
+  Codec(int threads, int level, uint32_t chunk_bytes);
+  // Compresses nbytes at src (elements of `width` bytes; `half`: fp32 whose low 16 bits are all
+  // zero, stored as the high halves). Returns the blob size, kept in the scratch until take(),
+  // or 0 when the probe chunk shrinks by less than min_ratio (the caller keeps the tensor as is).
+  uint64_t compress(const uint8_t* src, uint64_t nbytes, uint32_t width, bool half, double min_ratio);
+  void take(uint8_t* dst) const;
+  // Restores nbytes into dst; throws CodecError naming the chunk on any mismatch.
+  void decompress(const uint8_t* blob, uint64_t blob_bytes, uint8_t* dst, uint64_t nbytes, uint32_t width,
+                  bool half) const;
+  uint64_t slot_bytes() const { return slot_bytes_; }
+  // The raw scratch slots of the last compress() (for testing the compaction against them).
+  const std::vector<uint8_t>& slots() const { return slots_; }
+  const std::vector<ChunkEntry>& entries() const { return entries_; }
+
+ private:
+  int level_;
+  uint32_t chunk_bytes_;
+  std::unique_ptr<Pool> pool_;
+  uint64_t slot_bytes_;
+  std::vector<uint8_t> slots_;
+  std::vector<ChunkEntry> entries_;
+  std::vector<uint64_t> offsets_;
+  BlobHeader header_{};
+  uint64_t blob_bytes_ = 0;
+};
+
+// True when every fp32 at p has its low 16 bits zero (a bf16 value held in fp32).
+bool fp32_low16_zero(const uint8_t* p, uint64_t n);
+
+}  // namespace forge_paging

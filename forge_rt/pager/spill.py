@@ -1,0 +1,249 @@
+"""Disk tier: one preallocated file per run, a writer thread that appends blobs to it, and a reader
+thread that brings blobs back ahead of backward.
+
+The file is unlinked as soon as it is opened, so it disappears when the run ends however it ends
+(exception, SIGINT, even SIGKILL); only the open descriptor keeps its blocks.
+"""
+from __future__ import annotations
+
+import bisect
+import errno
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from forge_rt.pager.codec import PagingError
+
+_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+@dataclass(frozen=True)
+class Extent:
+    offset: int
+    length: int
+    crc: int  # crc32 of the bytes as written, checked again after reading
+
+
+class _Extents:
+    """First-fit allocator over the file with coalescing, so regions freed by one step are reused."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._free: list[tuple[int, int]] = [(0, size)] if size else []  # sorted (offset, length)
+
+    def take(self, n: int) -> int | None:
+        for i, (off, length) in enumerate(self._free):
+            if length >= n:
+                self._free[i:i + 1] = [(off + n, length - n)] if length > n else []
+                return off
+        return None
+
+    def give(self, off: int, n: int) -> None:
+        i = bisect.bisect(self._free, (off, n))
+        self._free.insert(i, (off, n))
+        merged: list[tuple[int, int]] = []
+        for o, length in self._free[max(0, i - 1):i + 2]:
+            if merged and merged[-1][0] + merged[-1][1] == o:
+                merged[-1] = (merged[-1][0], merged[-1][1] + length)
+            else:
+                merged.append((o, length))
+        self._free[max(0, i - 1):i + 2] = merged
+
+    def grow(self, new_size: int) -> None:
+        self.give(self.size, new_size - self.size)
+        self.size = new_size
+
+
+def _full_message(where: str, directory: str, exc: OSError) -> str:
+    free = shutil.disk_usage(directory).free
+    return (f"spill_dir {directory!r} is full ({where}: {os.strerror(exc.errno)}; {free / 2**20:.0f} MiB free). "
+            "Free space there, point spill_dir at a larger disk, or raise budget_bytes so less spills.")
+
+
+class SpillFile:
+    def __init__(self, directory: str, reserve_bytes: int):
+        directory = os.fspath(directory)
+        if not os.path.isdir(directory):
+            raise PagingError(f"spill_dir {directory!r} does not exist; create it or pass another directory")
+        free = shutil.disk_usage(directory).free
+        if free < reserve_bytes:
+            raise PagingError(f"spill_dir {directory!r} has {free / 2**20:.0f} MiB free but spill_reserve is "
+                              f"{reserve_bytes / 2**20:.0f} MiB; free space there or lower spill_reserve")
+        try:
+            self.fd, self.path = tempfile.mkstemp(prefix="forge_rt-spill-", suffix=".bin", dir=directory)
+        except OSError as exc:
+            raise PagingError(f"spill_dir {directory!r} is not writable ({exc.strerror}); fix its permissions "
+                              "or pass another directory") from None
+        os.unlink(self.path)
+        self.directory = directory
+        self._extents = _Extents(0)
+        self._lock = threading.Lock()
+        try:
+            self._grow(reserve_bytes)
+        except PagingError:
+            os.close(self.fd)
+            raise
+
+    # -- space -------------------------------------------------------------------------------
+    def _grow(self, new_size: int) -> None:
+        try:
+            os.posix_fallocate(self.fd, 0, new_size)
+        except OSError as exc:
+            if exc.errno in _FULL:
+                raise PagingError(_full_message("preallocating the spill file", self.directory, exc)) from None
+            raise PagingError(f"cannot preallocate the spill file in {self.directory!r}: {exc.strerror}") from None
+        self._extents.grow(new_size)
+
+    def allocate(self, n: int) -> int:
+        with self._lock:
+            off = self._extents.take(n)
+            if off is None:
+                self._grow(max(2 * self._extents.size, self._extents.size + n))
+                off = self._extents.take(n)
+            return off
+
+    def release(self, extent: Extent) -> None:
+        with self._lock:
+            self._extents.give(extent.offset, extent.length)
+
+    @property
+    def size(self) -> int:
+        return self._extents.size
+
+    # -- I/O ---------------------------------------------------------------------------------
+    def write(self, data: torch.Tensor) -> Extent:
+        """Writes a contiguous uint8 tensor; raises PagingError if the disk fills."""
+        buf = memoryview(data.numpy())
+        off = self.allocate(len(buf))
+        try:
+            done = 0
+            while done < len(buf):
+                done += os.pwrite(self.fd, buf[done:], off + done)
+        except OSError as exc:
+            self.release(Extent(off, len(buf), 0))
+            if exc.errno in _FULL:
+                raise PagingError(_full_message("writing a spilled tensor", self.directory, exc)) from None
+            raise PagingError(f"writing the spill file in {self.directory!r} failed: {exc.strerror}") from None
+        return Extent(off, len(buf), zlib.crc32(buf))
+
+    def read(self, extent: Extent, name: str) -> torch.Tensor:
+        out = torch.empty(extent.length, dtype=torch.uint8)
+        buf = memoryview(out.numpy())
+        got = 0
+        while got < extent.length:
+            n = os.preadv(self.fd, [buf[got:]], extent.offset + got)
+            if n == 0:
+                raise PagingError(f"spill file {self.path!r} is truncated: paged tensor {name} needs bytes "
+                                  f"{extent.offset}..{extent.offset + extent.length} but the file ends at "
+                                  f"{os.fstat(self.fd).st_size}. Something else shrank the file; rerun the step.")
+            got += n
+        if zlib.crc32(buf) != extent.crc:
+            raise PagingError(f"paged tensor {name} read back from spill file {self.path!r} fails its crc32 check; "
+                              "the disk returned different bytes than were written. Rerun the step.")
+        return out
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Writer(threading.Thread):
+    """Writes queued jobs in order; `on_done(job, extent | None, error | None)` runs on this thread."""
+
+    def __init__(self, spill: SpillFile, on_done):
+        super().__init__(name="forge_rt-spill-writer", daemon=True)
+        self.spill, self.on_done = spill, on_done
+        self.jobs: queue.Queue = queue.Queue()
+        self.seconds = 0.0
+
+    def submit(self, job, data_fn) -> None:
+        self.jobs.put((job, data_fn))
+
+    def run(self) -> None:
+        while True:
+            item = self.jobs.get()
+            if item is None:
+                return
+            job, data_fn = item
+            t0 = time.perf_counter()
+            try:
+                extent, error = self.spill.write(data_fn()), None
+            except PagingError as exc:
+                extent, error = None, exc
+            self.seconds += time.perf_counter() - t0
+            self.on_done(job, extent, error)
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+        self.join()
+
+
+class Reader(threading.Thread):
+    """Reads extents ahead of backward into a small cache; `fetch` waits for or reads one itself."""
+
+    def __init__(self, spill: SpillFile):
+        super().__init__(name="forge_rt-spill-reader", daemon=True)
+        self.spill = spill
+        self._cv = threading.Condition()
+        self._wanted: list[tuple[int, Extent, str]] = []
+        self._cache: dict[int, torch.Tensor | Exception] = {}
+        self._busy: int | None = None
+        self._stopping = False
+        self.seconds = 0.0
+
+    def want(self, items: list[tuple[int, Extent, str]]) -> None:
+        with self._cv:
+            self._wanted = [it for it in items if it[0] not in self._cache and it[0] != self._busy]
+            self._cv.notify_all()
+
+    def forget(self, key: int) -> None:
+        with self._cv:
+            self._cache.pop(key, None)
+
+    def fetch(self, key: int, extent: Extent, name: str) -> torch.Tensor:
+        with self._cv:
+            self._wanted = [it for it in self._wanted if it[0] != key]
+            while self._busy == key:
+                self._cv.wait()
+            got = self._cache.pop(key, None)
+        if got is None:
+            t0 = time.perf_counter()
+            got = self.spill.read(extent, name)
+            self.seconds += time.perf_counter() - t0
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    def run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._wanted and not self._stopping:
+                    self._cv.wait()
+                if self._stopping:
+                    return
+                key, extent, name = self._wanted.pop(0)
+                self._busy = key
+            t0 = time.perf_counter()
+            try:
+                got: torch.Tensor | Exception = self.spill.read(extent, name)
+            except PagingError as exc:
+                got = exc
+            self.seconds += time.perf_counter() - t0
+            with self._cv:
+                self._cache[key] = got
+                self._busy = None
+                self._cv.notify_all()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        self.join()
