@@ -85,8 +85,9 @@ def plot(records: list[dict], run: Path) -> list[str]:
     ax.plot(elapsed, [r["rss_bytes"] / gib for r in records], label="RSS at step end")
     ax.plot(elapsed, [r["peak_rss_bytes"] / gib for r in records], label="peak RSS", ls="--")
     paged = [r.get("paging") or {} for r in records]
-    if any("bytes_compressed" in p for p in paged):
-        ax.plot(elapsed, [p.get("bytes_compressed", 0) / gib for p in paged], label="paging: compressed pool")
+    if any(paged):
+        ax.plot(elapsed, [p.get("peak_resident_bytes", 0) / gib for p in paged], label="paging: peak resident (compressed)")
+        ax.plot(elapsed, [p.get("bytes_raw", 0) / gib for p in paged], label="paging: paged activations (raw)", ls=":")
         ax.plot(elapsed, [p.get("bytes_spilled", 0) / gib for p in paged], label="paging: spilled to disk")
     ax.set_xlabel("training time (s)")
     ax.set_ylabel("GiB")
@@ -112,8 +113,9 @@ def render_markdown(m: dict, plots: list[str]) -> str:
               f"- peak RSS while training: {m['peak_rss_bytes_train'] / 2**30:.2f} GiB"]
     if m.get("paging"):
         p = m["paging"]
-        lines.append(f"- paging: {_fmt(p.get('ratio'))}x compression, "
-                     f"{_fmt((p.get('bytes_spilled') or 0) / 2**20)} MiB spilled at the end")
+        lines.append(f"- paging: {_fmt((p.get('bytes_raw') or 0) / 2**30)} GiB of saved activations paged, "
+                     f"{_fmt(p.get('ratio'))}x compression, {_fmt((p.get('bytes_spilled') or 0) / 2**20)} MiB spilled to disk "
+                     f"({p.get('codec', '')})")
     s = m.get("scrub") or {}
     lines.append(f"- PII scrubbing: {json.dumps(s)}")
     if "egress_attempts" in m:

@@ -278,8 +278,9 @@ def _paging_ctx(cfg: TrainConfig, run: Path):
     if cfg.no_paging:
         return contextlib.nullcontext(None)
     import forge_rt
-    budget = parse_bytes(cfg.paging_budget) if cfg.paging_budget else None
-    return forge_rt.paging(budget_bytes=budget, spill_dir=run / "spill")
+    if cfg.paging_budget is None:
+        return forge_rt.paging()
+    return forge_rt.paging(budget_bytes=parse_bytes(cfg.paging_budget), spill_dir=str(run / "spill"))
 
 
 def _pager_stats(pager) -> dict | None:
@@ -359,14 +360,13 @@ def train_loop(model, tok, tok_data, cfg: TrainConfig, run: Path, resume_state: 
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-                if pager is not None:
-                    pager.end_step()
+                paged = pager.end_step() if pager is not None else None
                 step += 1
                 dt = time.time() - t0
                 rss, peak = _rss()
                 rec = {"step": step, "loss": sum(losses) / len(losses), "lr": lr, "tokens": n_tok,
                        "tokens_per_s": n_tok / dt, "step_time_s": dt, "elapsed_s": time.time() - t_start,
-                       "rss_bytes": rss, "peak_rss_bytes": peak, "epoch": order.epoch, "paging": _pager_stats(pager)}
+                       "rss_bytes": rss, "peak_rss_bytes": peak, "epoch": order.epoch, "paging": paged}
                 mlog.write(json.dumps(rec) + "\n")
                 mlog.flush()
                 step_times.append(dt)
