@@ -203,9 +203,9 @@ def render(record: Record, out=None, size: tuple[int, int] = (1400, 800), dpi: i
     layers = [("process RSS" + (" (rest)" if "page_compressed" in has else ""),
                np.maximum(_series(samples, "rss") - compressed, 0), "#8cb4d9")]
     if "page_compressed" in has:
-        layers.append(("paged, compressed (in RSS)", compressed, "#e15759"))
+        layers.append(("paged, in memory (LZ4, inside RSS)", compressed, "#e15759"))
     if "page_spilled" in has:
-        layers.append(("spilled to disk", _series(samples, "page_spilled"), "#76b7b2"))
+        layers.append(("paged, on disk", _series(samples, "page_spilled"), "#76b7b2"))
     if "cuda_reserved" in has:
         layers.append(("CUDA reserved", _series(samples, "cuda_reserved"), "#edc948"))
     top.stackplot(t, *[v / div for _, v, _ in layers], labels=[n for n, _, _ in layers],

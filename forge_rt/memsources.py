@@ -20,9 +20,9 @@ POOLS = {
     "rss": "process RSS",
     "cuda_allocated": "CUDA allocated",
     "cuda_reserved": "CUDA reserved",
-    "page_raw": "paged (raw)",
-    "page_compressed": "paged (compressed)",
-    "page_spilled": "spilled to disk",
+    "page_raw": "paged, raw size",
+    "page_compressed": "paged, in memory",
+    "page_spilled": "paged, on disk",
     "sys_used": "system used",
     "swap_used": "swap used",
     "tegra_ram_used": "tegrastats RAM",
@@ -106,10 +106,18 @@ class CudaSource:
 
 
 class PagingSource:
-    """The paging tiers from any object with `.stats()` -> dict(bytes_raw, bytes_compressed, bytes_spilled, ratio)."""
+    """The paging tiers from any object with `.stats()`.
+
+    A forge_rt Pager reports what it holds now (`resident_bytes` in memory, `spilled_now_bytes` on disk,
+    `raw_now_bytes` their uncompressed size) next to running totals (`bytes_*`); the pools are the
+    current values. An object without `resident_bytes` is read as dict(bytes_raw, bytes_compressed,
+    bytes_spilled, ratio) of current values.
+    """
     name = "paging"
-    _KEYS = {"bytes_raw": "page_raw", "bytes_compressed": "page_compressed",
-             "bytes_spilled": "page_spilled", "ratio": "page_ratio", "budget_bytes": "page_budget"}
+    _NOW = {"raw_now_bytes": "page_raw", "resident_bytes": "page_compressed", "spilled_now_bytes": "page_spilled",
+            "ratio": "page_ratio"}
+    _PLAIN = {"bytes_raw": "page_raw", "bytes_compressed": "page_compressed", "bytes_spilled": "page_spilled",
+              "ratio": "page_ratio", "budget_bytes": "page_budget"}
 
     def __init__(self, paging):
         if paging is None:
@@ -120,9 +128,9 @@ class PagingSource:
 
     def read(self, out: dict) -> None:
         stats = self._paging.stats()
-        for key, name in self._KEYS.items():
+        for key, name in (self._NOW if "resident_bytes" in stats else self._PLAIN).items():
             value = stats.get(key)
-            if isinstance(value, (int, float)):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
                 out[name] = value
 
     def close(self) -> None:

@@ -122,10 +122,12 @@ class LivePanel:
                 table.add_row(label, fmt_bytes(sample[key]), fmt_bytes(peaks.get(key)),
                               Text(sparkline(self.view.history(key), self.spark_width), style="cyan"))
         lines = [table]
-        if "page_raw" in sample:
-            lines.append(Text(f"paging ratio {sample.get('page_ratio', 0):.2f}x  "
-                              f"(raw {fmt_bytes(sample['page_raw'])} -> {fmt_bytes(sample.get('page_compressed'))}, "
-                              f"spilled {fmt_bytes(sample.get('page_spilled'))})"))
+        if "page_compressed" in sample:
+            raw = f"raw {fmt_bytes(sample['page_raw'])} -> " if "page_raw" in sample else ""
+            budget = self.view.header.get("paging_budget")
+            lines.append(Text(f"paging ratio {sample.get('page_ratio', 0):.2f}x  ({raw}in memory "
+                              f"{fmt_bytes(sample['page_compressed'])}, spilled {fmt_bytes(sample.get('page_spilled'))}"
+                              + (f", budget {fmt_bytes(budget)})" if budget else ")")))
         label, room = self.view.headroom(sample)
         lines.append(Text(f"{label}: {fmt_bytes(room)}", style="red" if room is not None and room < 0 else ""))
         if self.view.warn_low(sample):

@@ -81,7 +81,8 @@ class MemoryMonitor:
             warn = first["mem_total"] // 10
         header = {"type": "start", "time": time.time(), "interval": self.interval, "pid": os.getpid(),
                   "sources": self.sources, "budget_bytes": self.budget_bytes, "warn_available": warn,
-                  "unified_memory": unified_memory()}
+                  "unified_memory": unified_memory(),
+                  "paging_budget": getattr(self.paging, "budget_bytes", None)}
         self.view.header = header
         if self.out_path is not None:
             self.out_path.parent.mkdir(parents=True, exist_ok=True)

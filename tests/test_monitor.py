@@ -98,6 +98,42 @@ def test_paging_tiers_are_sampled(tmp_path):
     assert mon.peaks()["page_raw"] == 300 * MIB
 
 
+def test_pager_current_values_not_running_totals(tmp_path):
+    class Totals:  # forge_rt Pager layout: running totals next to what is held now
+        budget_bytes = 8 * MIB
+
+        def stats(self):
+            return {"bytes_raw": 900 * MIB, "bytes_compressed": 450 * MIB, "bytes_spilled": 70 * MIB,
+                    "ratio": 2.0, "resident_bytes": 3 * MIB, "spilled_now_bytes": 1 * MIB}
+
+    with watch(tmp_path, interval=0.01, paging=Totals()) as mon:
+        s = _wait_for(mon, lambda s: True)
+    assert (s["page_compressed"], s["page_spilled"], s["page_ratio"]) == (3 * MIB, 1 * MIB, 2.0)
+    assert "page_raw" not in s  # no current raw size reported: none invented from the totals
+    assert mon.view.header["paging_budget"] == 8 * MIB
+
+
+def test_real_pager_pools_rise_and_fall(tmp_path):
+    import torch
+
+    import forge_rt
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 1024, requires_grad=True)
+    with forge_rt.paging() as pager, watch(tmp_path, interval=0.01, paging=pager) as mon:
+        y = x
+        for _ in range(4):
+            y = torch.relu(y * 1.5 + 0.25)  # each saves a 2 MiB fp32 tensor for backward
+        held = pager.stats()["resident_bytes"]
+        during = _wait_for(mon, lambda s: s.get("page_compressed") == held)
+        y.sum().backward()
+        del y
+        after = _wait_for(mon, lambda s: s.get("page_compressed") == 0)
+    assert mon.sources["paging"] == "ok"
+    assert held > 0 and during["page_spilled"] == after["page_spilled"] == 0
+    assert during["t"] < after["t"]
+
+
 def test_missing_sources_reported_not_fatal(tmp_path, monkeypatch):
     import torch
 
