@@ -16,7 +16,7 @@ from forge_rt.kernels import QLORA_BACKENDS, qlora_kernels
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _draw_seed() -> int:
+def dropout_seed() -> int:
     """A dropout seed taken from torch's global generator, so torch.manual_seed makes dropout repeatable."""
     return int(torch.randint(0, 2**62, (1,)).item())
 
@@ -72,7 +72,7 @@ class _QLoRALinear(torch.autograd.Function):
     def forward(ctx, x, w, lora_A, lora_B, bias, scaling, dropout, kernels):
         lead, K = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, K).contiguous()
-        seed = _draw_seed() if lora_A is not None and dropout > 0 else None
+        seed = dropout_seed() if lora_A is not None and dropout > 0 else None
         xa = None
         if lora_A is not None:
             xd = _dropout(x2, dropout, seed) if seed is not None else x2
