@@ -226,19 +226,19 @@ def render(record: Record, out=None, size: tuple[int, int] = (1400, 800), dpi: i
     if budget:
         top.axhline(budget / div, color="black", ls=":", lw=1, label=f"budget {fmt_bytes(budget)}")
 
-    # Peaks: arrow to the highest point of each drawn pool, text staggered so labels don't collide.
+    # Peaks: an arrow to the highest point of each drawn pool.
     for i, (name, own, height) in enumerate(peaks):
         j = int(np.argmax(own))
         phase, step = record.phase_at(t[j])
         where = "" if phase is None else f", {phase}" + ("" if step is None else f" step {step}")
-        left = t[j] > 0.6 * t[-1]
+        # Labels stacked in the top-right corner, arrows to the points: they never cover each other.
         top.annotate(f"peak {name} {fmt_bytes(own[j])}{where}", xy=(t[j], height[j] / div),
-                     xytext=(-14 if left else 14, 10 + 16 * i), textcoords="offset points", fontsize=8,
-                     ha="right" if left else "left",
-                     arrowprops={"arrowstyle": "->", "lw": 0.8},
-                     bbox={"boxstyle": "round,pad=0.2", "fc": "white", "alpha": 0.8, "lw": 0.3})
+                     xytext=(0.99, 0.95 - 0.075 * i), textcoords="axes fraction", fontsize=8, ha="right", va="top",
+                     arrowprops={"arrowstyle": "->", "lw": 0.7, "alpha": 0.7},
+                     bbox={"boxstyle": "round,pad=0.2", "fc": "white", "alpha": 0.85, "lw": 0.3})
     top.set_ylabel(unit)
-    top.set_ylim(0, max(peak_any / div * (1.2 + 0.08 * len(peaks)), (budget or 0) / div * 1.1) or 1)
+    drawn = max(max(float(h.max()) for _, _, h in peaks), float(stack_top[-1].max()))
+    top.set_ylim(0, max(drawn / div * (1.2 + 0.08 * len(peaks)), (budget or 0) / div * 1.1) or 1)
     top.margins(x=0)
 
     avail = _series(samples, "mem_available")
