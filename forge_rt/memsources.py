@@ -85,7 +85,7 @@ class CudaSource:
             except ImportError as exc:
                 raise SourceMissing("torch is not installed") from exc
         if not torch.cuda.is_available():
-            raise SourceMissing("torch.cuda.is_available() is False (no GPU or no CUDA build of torch)")
+            raise SourceMissing("torch.cuda.is_available() is False")
         self._cuda = torch.cuda
         self._total = None
 
@@ -165,7 +165,7 @@ class TegrastatsSource:
     def __init__(self, interval_ms: int = 500, binary: str = "tegrastats"):
         path = shutil.which(binary)
         if path is None:
-            raise SourceMissing(f"{binary} not found on PATH (only Jetson boards have it)")
+            raise SourceMissing(f"{binary} not on PATH (Jetson only)")
         self._proc = subprocess.Popen([path, "--interval", str(interval_ms)], stdout=subprocess.PIPE,
                                       stderr=subprocess.DEVNULL, text=True)
         self._last: dict = {}

@@ -146,7 +146,7 @@ def test_missing_sources_reported_not_fatal(tmp_path, monkeypatch):
     with watch(tmp_path, interval=0.01, paging=Broken()) as mon:
         _wait_for(mon, lambda s: s["t"] > 0.05)
     assert mon.sources["cuda"].startswith("missing: torch.cuda.is_available() is False")
-    assert mon.sources["tegrastats"].startswith("missing: tegrastats not found")
+    assert mon.sources["tegrastats"].startswith("missing: tegrastats not on PATH")
     assert mon.sources["paging"] == "failed: OSError: pool gone"
     assert mon.sources["proc"] == "ok"
     assert set(mon.missing()) == {"cuda", "tegrastats", "paging"}
