@@ -103,14 +103,15 @@ class MemoryMonitor:
             return
         self._stop.set()
         self._thread.join()
-        self._take()
-        self._write({"type": "stop", "t": self._now(), "peaks": self.peaks(), "sources": self.sources})
-        self._state = "stopped"
-        for src in self._sources:
-            src.close()
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        with self._lock:  # a mark() racing from another thread sees either all of this or none
+            self._take()
+            self._write({"type": "stop", "t": self._now(), "peaks": self.peaks(), "sources": self.sources})
+            self._state = "stopped"
+            for src in self._sources:
+                src.close()
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
     def __enter__(self) -> "MemoryMonitor":
         return self.start()
@@ -126,10 +127,10 @@ class MemoryMonitor:
             raise ValueError(f"MemoryMonitor.mark(): phase must be a non-empty string, got {phase!r}")
         if self._state == "new":
             raise RuntimeError("MemoryMonitor.mark() before start(): call start() (or use watch()) first")
-        if self._state == "stopped":
-            return
         mark = {"type": "mark", "phase": phase, "step": None if step is None else int(step)}
         with self._lock:
+            if self._state == "stopped":
+                return
             self._take()
             mark["t"] = self._now()
             self._write(mark)
