@@ -8,6 +8,7 @@ value: the scrubber never stores a found value, and its report holds only counts
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import hmac
 import os
@@ -39,14 +40,19 @@ class Finding:
 
 def find(text: str, types: tuple[str, ...] | None = None) -> list[Finding]:
     """All non-overlapping findings in `text`, sorted by position; specific detectors win overlaps."""
-    taken: list[Finding] = []
-    for name, finder in DETECTORS:
-        if types is not None and name not in types:
+    lower = text.lower()
+    starts: list[int] = []          # accepted spans, kept sorted and disjoint
+    found: list[Finding] = []
+    for name, finder, triggers in DETECTORS:
+        if (types is not None and name not in types) or (triggers and not any(t in lower for t in triggers)):
             continue
         for start, end in finder(text):
-            if start < end and all(end <= f.start or start >= f.end for f in taken):
-                taken.append(Finding(name, start, end))
-    return sorted(taken, key=lambda f: f.start)
+            i = bisect.bisect_right(starts, start)
+            if start >= end or (i and found[i - 1].end > start) or (i < len(starts) and starts[i] < end):
+                continue
+            starts.insert(i, start)
+            found.insert(i, Finding(name, start, end))
+    return found
 
 
 def _normalize(kind: str, value: str) -> str:
