@@ -33,26 +33,43 @@ class EgressBlocked(ConnectionRefusedError):
     """An outbound connection was blocked by forge_rt.sovereign.offline()."""
 
 
-def _is_local_host(host) -> bool:
-    if host is None:
-        return True
+def _host(host) -> str:
     if isinstance(host, bytes):
         host = host.decode("ascii", "replace")
-    host = str(host).split("%", 1)[0].strip("[]").lower()
-    if host in _LOCAL_NAMES:
-        return True
+    return str(host).split("%", 1)[0].strip("[]").lower()
+
+
+def _ip(host: str):
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host)
     except ValueError:
-        return False   # a name other than localhost: resolving it is already a leak (DNS)
+        return None
+
+
+def _is_local_host(host) -> bool:
+    """Loopback literal or a local name. Any other name is not local: even resolving it leaks via DNS."""
+    if host is None:
+        return True
+    h = _host(host)
+    return h in _LOCAL_NAMES or (_ip(h) is not None and _ip(h).is_loopback)
+
+
+def _needs_dns(host) -> bool:
+    """A lookup that would query DNS (a leak by itself); IP literals and local names resolve locally."""
+    return not _is_local_host(host) and _ip(_host(host)) is None
+
+
+# Families that never leave the machine: Unix sockets and the kernel's netlink.
+_LOCAL_FAMILIES = {getattr(socket, n) for n in ("AF_UNIX", "AF_NETLINK") if hasattr(socket, n)}
 
 
 def _is_local_address(family, address) -> bool:
-    if family == getattr(socket, "AF_UNIX", object()) or isinstance(address, (str, bytes)):
-        return True    # Unix socket path
-    if isinstance(address, tuple) and address:
-        return _is_local_host(address[0])
-    return False
+    """family None means "decide from the address" (create_connection, which only does IP)."""
+    if family in _LOCAL_FAMILIES:
+        return True
+    if family not in (None, socket.AF_INET, socket.AF_INET6):
+        return False   # packet, CAN, Bluetooth...: could leave the machine
+    return isinstance(address, tuple) and bool(address) and _is_local_host(address[0])
 
 
 @dataclass
@@ -109,17 +126,17 @@ class Guard:
             return orig["create_connection"](address, *args, **kwargs)
 
         def getaddrinfo(host, *args, **kwargs):
-            if not _is_local_host(host):
+            if _needs_dns(host):
                 raise guard._block("getaddrinfo", host)
             return orig["getaddrinfo"](host, *args, **kwargs)
 
         def gethostbyname(host):
-            if not _is_local_host(host):
+            if _needs_dns(host):
                 raise guard._block("gethostbyname", host)
             return orig["gethostbyname"](host)
 
         def gethostbyname_ex(host):
-            if not _is_local_host(host):
+            if _needs_dns(host):
                 raise guard._block("gethostbyname_ex", host)
             return orig["gethostbyname_ex"](host)
 

@@ -41,6 +41,7 @@ def test_blocks_outbound_before_any_packet(caplog):
             socket.create_connection(("203.0.113.1", 9), timeout=0.5)
         with pytest.raises(EgressBlocked):
             socket.getaddrinfo("huggingface.co", 443)      # DNS is egress too
+        assert socket.getaddrinfo("0.0.0.0", 80)           # IP literals need no DNS (binding servers works)
         u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
         with pytest.raises(EgressBlocked):
             u.sendto(b"x", ("2001:db8::1", 9))

@@ -28,9 +28,8 @@ Span = tuple[int, int]
 Finder = Callable[[str], Iterator[Span]]
 
 
-def _regex(pattern: str, group: int = 0, valid: Callable[[str], bool] | None = None,
-           flags: int = 0) -> Finder:
-    rx = re.compile(pattern, flags)
+def _regex(pattern: str, group: int = 0, valid: Callable[[str], bool] | None = None) -> Finder:
+    rx = re.compile(pattern)
 
     def find(text: str) -> Iterator[Span]:
         for m in rx.finditer(text):
