@@ -57,7 +57,7 @@ def test_sampler_sees_known_allocation(tmp_path):
     assert abs(max(during) - held) < 64 * MIB
     assert min(after) < max(during) - 400 * MIB
     # VmHWM in the record vs the kernel's own maximum for the process (getrusage, in KiB).
-    assert samples[-1]["rss_peak"] >= base + 512 * MIB
+    assert samples[-1]["rss_peak"] >= base + 500 * MIB  # not 512: other pages may leave RSS meanwhile
     assert abs(samples[-1]["rss_peak"] - resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) < 8 * MIB
 
 
