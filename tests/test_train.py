@@ -1,6 +1,7 @@
 """Trainer end to end on a tiny random Llama: run directory, metrics, resume, signals, offline."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -25,11 +26,28 @@ def _records(run):
     return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_default_path_writes_complete_run_dir(tiny, tmp_path):
+def _block_outbound(monkeypatch) -> list:
+    """Records (and refuses) any connect() to a non-loopback address; returns the record."""
+    attempts = []
+    real_connect = socket.socket.connect
+
+    def guarded(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if self.family in (socket.AF_INET, socket.AF_INET6) and host not in ("127.0.0.1", "::1", "localhost"):
+            attempts.append(address)
+            raise OSError("outbound connection blocked by test")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+    return attempts
+
+
+def test_default_path_writes_complete_run_dir_offline(tiny, tmp_path, monkeypatch):
     model_dir, data = tiny
+    attempts = _block_outbound(monkeypatch)
     evals = write_jsonl(tmp_path / "eval.jsonl", tiny_rows(4))
     run = tmp_path / "run"
-    args = tiny_args(model_dir, data, run, "--max-len", "40", "--eval-data", str(evals), "--max-new-tokens", "4")
+    args = tiny_args(model_dir, data, run, "--max-len", "56", "--eval-data", str(evals), "--max-new-tokens", "4")
     args.remove("--no-eval")
     assert train.main(args) == 0
     for name in ("config.json", "metrics.jsonl", "metrics.json", "report.md", "loss.png", "memory.png",
@@ -44,21 +62,23 @@ def test_default_path_writes_complete_run_dir(tiny, tmp_path):
     for key in ("score_base", "score_tuned", "ppl_retention_base", "ppl_retention_tuned"):
         assert isinstance(m[key], float | int), key
     assert m["fused"] is True and m["steps"] == 6
-    assert m["data"]["format"] == "prompt_completion" and m["data"]["n_truncated"] > 0  # max_len 40 truncates
-    assert m["egress_attempts"] == 0
+    assert m["data"]["format"] == "prompt_completion" and m["data"]["n_truncated"] > 0  # max_len 56 truncates
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["max_len"] == 40 and cfg["lora_r"] == 4 and cfg["model"] == str(model_dir)
+    assert cfg["max_len"] == 56 and cfg["lora_r"] == 4 and cfg["model"] == str(model_dir)
     assert "| score |" in (run / "report.md").read_text()
+    # Offline: nothing tried to reach the network, and the hub libraries were set offline.
+    assert attempts == [] and os.environ["HF_HUB_OFFLINE"] == "1"
+    if importlib.util.find_spec("forge_rt.sovereign") is not None:  # its guard counts blocked attempts
+        assert m["egress_attempts"] == 0
     # The adapter's LoRA B matrices moved away from their zero init.
     from safetensors.torch import load_file
     w = load_file(run / "adapter/adapter_model.safetensors")
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in w.items())
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "stock"])
-def test_interrupt_and_resume_matches_uninterrupted(tiny, tmp_path, monkeypatch, fused):
+def test_interrupt_and_resume_matches_uninterrupted(tiny, tmp_path, monkeypatch):
     model_dir, data = tiny
-    flags = () if fused else ("--no-fused", "--no-paging")
+    flags = ("--lora-dropout", "0.1")  # dropout draws from the RNG that the checkpoint must restore
     full = tmp_path / "full"
     assert train.main(tiny_args(model_dir, data, full, *flags)) == 0
 
@@ -89,23 +109,3 @@ def test_interrupt_and_resume_matches_uninterrupted(tiny, tmp_path, monkeypatch,
     # Same optimizer trajectory: restored optimizer/scheduler/RNG/data order give the same losses.
     assert [r["lr"] for r in b] == [r["lr"] for r in a]
     torch.testing.assert_close([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-4, atol=1e-5)
-
-
-def test_no_outbound_connection_attempted(tiny, tmp_path, monkeypatch):
-    model_dir, data = tiny
-    attempts = []
-    real_connect = socket.socket.connect
-
-    def guarded(self, address):
-        host = address[0] if isinstance(address, tuple) else address
-        if self.family in (socket.AF_INET, socket.AF_INET6) and host not in ("127.0.0.1", "::1", "localhost"):
-            attempts.append(address)
-            raise OSError("outbound connection blocked by test")
-        return real_connect(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", guarded)
-    run = tmp_path / "run"
-    assert train.main(tiny_args(model_dir, data, run, "--max-steps", "2")) == 0
-    assert attempts == []
-    assert json.loads((run / "metrics.json").read_text())["egress_attempts"] == 0
-    assert os.environ["HF_HUB_OFFLINE"] == "1"
