@@ -122,8 +122,9 @@ def _card_ok(s: str) -> bool:
     return 13 <= len(d) <= 19 and bool(_CARD_PREFIX.match(d)) and luhn.is_valid(d)
 
 
-# One separator style per number (all spaces, all dashes or none) so that lists of numbers don't merge.
-_card = _regex(r"(?<!\d)(?<!\d[.,-])(?:\d{4}(?: \d{4}){2,3}(?: \d{1,4})?|\d{4}(?:-\d{4}){2,3}(?:-\d{1,4})?"
+# One separator style per number (all spaces, all dashes or none) so that lists of numbers don't merge;
+# a match must start a digit run (not after "DE00 ", which makes it part of an IBAN-shaped string).
+_card = _regex(r"(?<!\d)(?<!\d[ .,-])(?:\d{4}(?: \d{4}){2,3}(?: \d{1,4})?|\d{4}(?:-\d{4}){2,3}(?:-\d{1,4})?"
                r"|\d{4}[ -]\d{6}[ -]\d{4,5}|\d{13,19})(?!\d|[.,-]\d)", valid=_card_ok)
 _ssn = _chain(
     _regex(r"(?<![\d-])\d{3}-\d{2}-\d{4}(?![\d-])", valid=ssn.is_valid),

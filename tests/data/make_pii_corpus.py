@@ -76,7 +76,7 @@ def ipv4():
 def ipv6():
     g = [f"{R.randint(0, 65535):x}" for _ in range(8)]
     v = R.choice([":".join(g), f"2001:db8::{g[0]}:{g[1]}", f"fe80::{g[2]}:{g[3]}:{g[4]}%eth0", f"2a02:{g[1]}:{g[2]}::{g[5]}",
-                  f"::ffff:192.0.2.{R.randint(1, 254)}" if False else f"2001:0db8:{g[3]}:0000:0000:{g[4]}:{g[6]}:{g[7]}"])
+                  f"2001:0db8:{g[3]}:0000:0000:{g[4]}:{g[6]}:{g[7]}"])
     return v, ["client [{v}] connected", "The host resolves to {v} now.", "ip -6 addr add {v}/64 dev eth0"]
 
 
@@ -175,8 +175,9 @@ def aws_secret():
 
 
 def gcp():
-    if R.random() < 0.5:
+    if R.random() < 0.5:   # API key; context-free templates are fine for its AIza prefix
         return "AIza" + rs(35, B62 + "_-"), ["const key = \"{v}\";", "maps api key {v} in the html", "GOOGLE_API_KEY={v}"]
+    # service-account key id: only recognizable inside its JSON field
     return rs(40, "0123456789abcdef"), ['{{"type": "service_account", "project_id": "demo", "private_key_id": "{v}"}}',
                                          '"private_key_id": "{v}",']
 
@@ -250,7 +251,7 @@ GENERATORS = {
     "JWT": jwt, "PRIVATE_KEY": pem, "URL_CREDENTIALS": url_creds, "HIGH_ENTROPY": high_entropy,
 }
 # Types whose values are only recognizable in context don't get the context-free generic templates.
-CONTEXT_ONLY = {"AWS_SECRET_KEY", "SECRET", "URL_CREDENTIALS", "GCP_KEY", "US_SSN"}
+CONTEXT_ONLY = {"AWS_SECRET_KEY", "SECRET", "URL_CREDENTIALS", "GCP_KEY"}
 
 
 def positives(per_type=20):
@@ -259,13 +260,7 @@ def positives(per_type=20):
         for i in range(per_type):
             v, tmpls = gen()
             pool = tmpls if kind in CONTEXT_ONLY or i % 2 == 0 else GENERIC
-            text = R.choice(pool)
-            if kind == "GCP_KEY" and v.startswith("AIza") is False and "private_key_id" not in text:
-                text = '"private_key_id": "{v}",'
-            if kind == "GCP_KEY" and v.startswith("AIza") and "private_key_id" in text:
-                text = "GOOGLE_API_KEY={v}"
-            start = text.index("{v}")
-            text = text.replace("{{", "{").replace("}}", "}")
+            text = R.choice(pool).replace("{{", "{").replace("}}", "}")
             start = text.index("{v}")
             text = text.replace("{v}", v)
             rows.append({"text": text, "type": kind, "start": start, "end": start + len(v)})
