@@ -71,8 +71,8 @@ def _read_rows(path: Path, text: str):
             try:
                 row, pos = dec.raw_decode(text, pos)
             except json.JSONDecodeError as exc:
-                line = text.count("\n", 0, exc.pos) + 1
-                raise DataError(path, line, None, f"invalid JSON ({exc.msg})", "repair the JSON syntax") from None
+                raise DataError(path, line, None, f"invalid JSON in the row starting here ({exc.msg} at line "
+                                f"{exc.lineno}, column {exc.colno})", "repair the JSON syntax") from None
             yield line, row
     else:
         for i, raw in enumerate(text.splitlines(), start=1):
@@ -207,7 +207,8 @@ class TokenizedData(torch.utils.data.Dataset):
 def collate(batch: list[dict], pad_token_id: int) -> dict:
     """Right-pads a batch: labels -100 on pads. Unpacked rows get an attention_mask; packed rows get
     position_ids instead (restarting at 0 per example), from which transformers builds a per-example
-    causal mask (it does so only when attention_mask is None)."""
+    causal mask (it does so only when attention_mask is None and there is no KV cache: call the model
+    with use_cache=False, as training does)."""
     width = max(len(b["input_ids"]) for b in batch)
     ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
