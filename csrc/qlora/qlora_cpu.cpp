@@ -253,26 +253,53 @@ void axpy(float* y, float alpha, const float* x, int64_t n) {
 }
 
 
-// Small M forward: each weight row is decoded once, in registers, and dotted with the MM input rows.
-template <int MM>
-void gemv_forward(const float* x, const NF4View& w, const float* xa, const float* B, int64_t r,
-                  float s, const float* bias, float* y, int n_threads) {
+#ifdef FORGE_RT_AVX2
+// Rows permuted group by group into decode32's element order (and back), so GEMV inputs and
+// outputs line up with the byte-plane decoder.
+void permute32(const float* src, float* dst, int64_t n) {
+  for (int64_t g = 0; g < n; g += 32)
+    for (int q = 0; q < 32; ++q) dst[g + q] = src[g + perm32_index(q)];
+}
+void unpermute32(const float* src, float* dst, int64_t n) {
+  for (int64_t g = 0; g < n; g += 32)
+    for (int q = 0; q < 32; ++q) dst[g + perm32_index(q)] = src[g + q];
+}
+
+template <int NV>
+void accumulate(__m256* acc, const float* x, const Vecs<NV>& v) {
+  for (int j = 0; j < NV; ++j) *acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + 8 * j), v.v[j], *acc);
+}
+template <int NV>
+void axpy_vec(float* out, float alpha, const Vecs<NV>& v) {
+  const __m256 a = _mm256_set1_ps(alpha);
+  for (int j = 0; j < NV; ++j)
+    _mm256_storeu_ps(out + 8 * j, _mm256_fmadd_ps(a, v.v[j], _mm256_loadu_ps(out + 8 * j)));
+}
+#endif
+
+// Small M forward: each weight row is decoded once, in registers, and dotted with the MM input rows
+// (kPerm: rows of x already permuted into decode32's order).
+template <int MM, bool kPerm>
+void gemv_forward_rows(const float* x, const NF4View& w, const float* xa, const float* B, int64_t r,
+                       float s, const float* bias, float* y, int n_threads) {
   const int64_t N = w.rows, K = w.cols;
-  g_transient = 0;
+#ifdef FORGE_RT_AVX2
+  const Perm32Code pc(w.code);
+#endif
 #pragma omp parallel for num_threads(n_threads) schedule(static)
   for (int64_t n = 0; n < N; ++n) {
-    float acc[MM > 0 ? MM : 1] = {};
+    float acc[MM] = {};
 #ifdef FORGE_RT_AVX2
-    __m256 vacc[MM > 0 ? MM : 1];
+    __m256 vacc[MM];
     for (int m = 0; m < MM; ++m) vacc[m] = _mm256_setzero_ps();
-    auto vec = [&](int64_t o, __m256 v0, __m256 v1) {
-      for (int m = 0; m < MM; ++m) {
-        vacc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + o), v0, vacc[m]);
-        vacc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + o + 8), v1, vacc[m]);
-      }
+    auto vec = [&](int64_t o, const auto& v) {
+      for (int m = 0; m < MM; ++m) accumulate(&vacc[m], x + m * K + o, v);
     };
+    if (kPerm) {
+      decode_visit_perm32(w, pc, n * K, K, vec);
+    } else
 #else
-    auto vec = [](int64_t, float, float) {};
+    auto vec = [](int64_t, int) {};
 #endif
     decode_visit(w, n * K, K, vec, [&](int64_t o, float v) {
       for (int m = 0; m < MM; ++m) acc[m] += x[m * K + o] * v;
@@ -288,36 +315,69 @@ void gemv_forward(const float* x, const NF4View& w, const float* xa, const float
   }
 }
 
-// Small M backward: each thread owns slices of gx's columns and sweeps all weight rows over them.
-void gemv_backward(const float* g, int64_t M, const NF4View& w, const float* gb, const float* A,
-                   int64_t r, float s, float* gx, int n_threads) {
-  const int64_t N = w.rows, K = w.cols;
+template <int MM>
+void gemv_forward(const float* x, const NF4View& w, const float* xa, const float* B, int64_t r,
+                  float s, const float* bias, float* y, int n_threads) {
+  const int64_t K = w.cols;
   g_transient = 0;
+#ifdef FORGE_RT_AVX2
+  if (perm32_ok(w)) {
+    std::vector<float> xp(MM * K);  // input-sized, not weight-sized
+    g_transient = static_cast<int64_t>(xp.size() * sizeof(float));
+    for (int m = 0; m < MM; ++m) permute32(x + m * K, xp.data() + m * K, K);
+    return gemv_forward_rows<MM, true>(xp.data(), w, xa, B, r, s, bias, y, n_threads);
+  }
+#endif
+  gemv_forward_rows<MM, false>(x, w, xa, B, r, s, bias, y, n_threads);
+}
+
+// Small M backward: each thread owns slices of gx's columns and sweeps all weight rows over them
+// (kPerm: a slice is accumulated in decode32's order and put back in place at the end).
+template <bool kPerm>
+void gemv_backward_cols(const float* g, int64_t M, const NF4View& w, const float* gb, const float* A,
+                        int64_t r, float s, float* gx, int n_threads) {
+  const int64_t N = w.rows, K = w.cols;
   const int64_t chunks = (K + CHUNK - 1) / CHUNK;
+#ifdef FORGE_RT_AVX2
+  const Perm32Code pc(w.code);
+#endif
 #pragma omp parallel for num_threads(n_threads) schedule(static)
   for (int64_t ci = 0; ci < chunks; ++ci) {
     const int64_t k0 = ci * CHUNK, len = std::min(CHUNK, K - k0);
     for (int64_t m = 0; m < M; ++m) std::fill(gx + m * K + k0, gx + m * K + k0 + len, 0.f);
     for (int64_t n = 0; n < N; ++n) {
 #ifdef FORGE_RT_AVX2
-      auto vec = [&](int64_t o, __m256 v0, __m256 v1) {
-        for (int64_t m = 0; m < M; ++m) {
-          float* out = gx + m * K + k0 + o;
-          const __m256 gm = _mm256_set1_ps(g[m * N + n]);
-          _mm256_storeu_ps(out, _mm256_fmadd_ps(gm, v0, _mm256_loadu_ps(out)));
-          _mm256_storeu_ps(out + 8, _mm256_fmadd_ps(gm, v1, _mm256_loadu_ps(out + 8)));
-        }
+      auto vec = [&](int64_t o, const auto& v) {
+        for (int64_t m = 0; m < M; ++m) axpy_vec(gx + m * K + k0 + o, g[m * N + n], v);
       };
+      if (kPerm) {
+        decode_visit_perm32(w, pc, n * K + k0, len, vec);
+        continue;
+      }
 #else
-      auto vec = [](int64_t, float, float) {};
+      auto vec = [](int64_t, int) {};
 #endif
       decode_visit(w, n * K + k0, len, vec, [&](int64_t o, float v) {
         for (int64_t m = 0; m < M; ++m) gx[m * K + k0 + o] += g[m * N + n] * v;
       });
     }
+    if (kPerm) {
+      float tmp[CHUNK];
+      for (int64_t m = 0; m < M; ++m) {
+        unpermute32(gx + m * K + k0, tmp, len);
+        std::copy(tmp, tmp + len, gx + m * K + k0);
+      }
+    }
     for (int64_t j = 0; j < r; ++j)
       for (int64_t m = 0; m < M; ++m) axpy(gx + m * K + k0, s * gb[m * r + j], A + j * K + k0, len);
   }
+}
+
+void gemv_backward(const float* g, int64_t M, const NF4View& w, const float* gb, const float* A,
+                   int64_t r, float s, float* gx, int n_threads) {
+  g_transient = 0;  // per-slice buffers live on each thread's stack
+  if (perm32_ok(w)) return gemv_backward_cols<true>(g, M, w, gb, A, r, s, gx, n_threads);
+  gemv_backward_cols<false>(g, M, w, gb, A, r, s, gx, n_threads);
 }
 
 }  // namespace
