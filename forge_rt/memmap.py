@@ -198,7 +198,9 @@ def render(record: Record, out=None, size: tuple[int, int] = (1400, 800), dpi: i
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
 
     # Stacked pools. The compressed paging pool lives inside the process, so RSS is split around it.
-    has = {k for s in samples for k in s}
+    # A pool that stayed at zero the whole run is named in the title instead of drawn.
+    has = {k for s in samples for k, v in s.items() if v}
+    zero = [POOLS[k] for k in POOLS if k not in has and any(k in s for s in samples)]
     compressed = _series(samples, "page_compressed")
     layers = [("process RSS" + (" (rest)" if "page_compressed" in has else ""),
                np.maximum(_series(samples, "rss") - compressed, 0), "#8cb4d9")]
@@ -281,8 +283,10 @@ def render(record: Record, out=None, size: tuple[int, int] = (1400, 800), dpi: i
     title = f"MemoryMap: {record.path.parent.name or record.path.name}, {len(samples)} samples over {t[-1]:.1f} s"
     if step_starts:
         title += f", steps {min(step_starts)}-{max(step_starts)} (numbers on top)"
-    if missing:
-        title += f"\nnot sampled: {', '.join(missing)}"
+    notes = ([f"not sampled: {', '.join(missing)}"] if missing else []) + ([f"zero throughout: {', '.join(zero)}"]
+                                                                         if zero else [])
+    if notes:
+        title += "\n" + "; ".join(notes)
     fig.suptitle(title, fontsize=10)
     fig.savefig(out, dpi=dpi)
     return out
