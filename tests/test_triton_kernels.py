@@ -8,7 +8,10 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # must precede the kernels' import: Triton picks the mode at decoration
 
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import bitsandbytes.functional as bnbf
 import pytest
@@ -39,7 +42,8 @@ def rel_err(out, ref):
 
 # (M, N, K, blocksize, double_quant): no side a multiple of the tiles, K not a multiple of the blocksize
 SHAPES = [(1, 17, 70, 64, True), (5, 70, 130, 64, False), (33, 130, 17, 128, True),
-          (5, 130, 70, 128, False), (20, 33, 200, 64, True)]
+          (5, 130, 70, 128, False), (20, 33, 200, 64, True),
+          (3, 70, 128, 64, True), (17, 33, 256, 128, False)]  # K % blocksize == 0: one scale per row and tile
 RANKS = [None, 1, 8, 33]
 
 
@@ -88,6 +92,26 @@ def test_large_ranks_span_several_rank_chunks(rank):
     assert rel_err(qlora_triton.forward(x, w, xa, B, 0.1, None), x @ W.T + 0.1 * xa @ B.T) <= 1e-5
     g, gb, A = torch.randn(3, 40), torch.randn(3, rank), torch.randn(rank, 50)
     assert rel_err(qlora_triton.backward_input(g, w, gb, A, 0.1), g @ W + 0.1 * gb @ A) <= 1e-5
+
+
+def test_int64_index_path(monkeypatch):
+    """Weights past 2**31 elements index in int64; too big for the interpreter, so force that path."""
+    monkeypatch.setattr(qlora_triton, "_wide", lambda n, k: True)
+    w, W = make_weight(33, 128, 64, True)
+    x, g = torch.randn(5, 128), torch.randn(5, 33)
+    assert rel_err(qlora_triton.forward(x, w, None, None, 1.0, None), x @ W.T) <= 1e-5
+    assert rel_err(qlora_triton.backward_input(g, w, None, None, 1.0), g @ W) <= 1e-5
+
+
+def test_kernels_compile_for_a_gpu_without_one():
+    """bf16 can't be checked in the interpreter and compiled Triton is stricter than it: build the kernels
+    for sm_87 (Jetson Orin) with Triton's bundled ptxas, in a process without TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name("triton_aot_compile.py")), "--arch", "87",
+                          "--dtype", "bf16", "--m", "1024"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "sm_87 bf16 M=1024" in out.stdout and "forward REG:" in out.stdout
 
 
 def test_lora_term_runs_in_the_adapter_dtype():

@@ -17,24 +17,46 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def nf4_decode(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, idx, mask,
-               BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
-    """fp32 values of the weight elements at flat indices `idx` (any shape); 0 where `mask` is off."""
+def nf4_codes(packed_ptr, code_ptr, idx, mask):
+    """Code-book values (fp32) of the weight elements at flat indices `idx` (any shape)."""
     byte = tl.load(packed_ptr + idx // 2, mask=mask, other=0).to(tl.int32)
     shift = ((1 - idx % 2) * 4).to(tl.int32)  # even element -> high nibble
-    value = tl.load(code_ptr + ((byte >> shift) & 0xF))
-    block = idx // BLOCKSIZE
+    return tl.load(code_ptr + ((byte >> shift) & 0xF))
+
+
+@triton.jit
+def nf4_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, mask,
+               DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
+    """fp32 absmax of the quantization blocks `block` (any shape), double quantization resolved."""
     if DOUBLE_QUANT:
         q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         nested = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
         scale = tl.load(nested_code_ptr + q) * nested + offset
     else:
         scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
-    return tl.where(mask, value * scale, 0.0)
+    return scale
+
+
+@triton.jit
+def nf4_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+             row, k, k0, row_mask, k_mask, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+             NESTED_BLOCKSIZE: tl.constexpr, ROW_SCALE: tl.constexpr):
+    """fp32 weight values at flat indices row + k, 0 where masked off. `row` (flat index of each row's
+    first element) and `k` (columns, starting at k0) broadcast to the tile. ROW_SCALE: each row's
+    stretch of this tile lies in one quantization block, so one scale per row is loaded."""
+    mask = row_mask & k_mask
+    idx = row + k
+    if ROW_SCALE:
+        scale = nf4_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, (row + k0) // BLOCKSIZE,
+                           row_mask, DOUBLE_QUANT, NESTED_BLOCKSIZE)
+    else:
+        scale = nf4_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, idx // BLOCKSIZE, mask,
+                           DOUBLE_QUANT, NESTED_BLOCKSIZE)
+    return tl.where(mask, nf4_codes(packed_ptr, code_ptr, idx, mask) * scale, 0.0)
 
 
 def scale_args(w) -> tuple:
-    """(absmax, nested_absmax, nested_code, offset, double_quant, nested_blocksize) for `nf4_decode`;
+    """(absmax, nested_absmax, nested_code, offset, double_quant, nested_blocksize) for `nf4_scales`;
     unused pointers repeat `absmax` so every launch has the same signature."""
     device = w.packed.device
     if w.nested_absmax is None:
@@ -84,8 +106,8 @@ def _dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nest
                        NESTED_BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < numel
-    value = nf4_decode(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, idx, mask,
-                       BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE)
+    value = nf4_codes(packed_ptr, code_ptr, idx, mask) * nf4_scales(
+        absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, idx // BLOCKSIZE, mask, DOUBLE_QUANT, NESTED_BLOCKSIZE)
     tl.store(out_ptr + idx, value.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from forge_rt.kernels.nf4_triton import check_weight, code_on, nf4_decode, scale_args
+from forge_rt.kernels.nf4_triton import check_weight, code_on, nf4_tile, scale_args
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -27,13 +27,14 @@ def _forward_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, 
                     xa_ptr, b_ptr, bias_ptr, y_ptr, M, N, K, R, scaling,
                     sxm, sxk, sam, sar, sbn, sbr, sym, syn,
                     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-                    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                    ROW_SCALE: tl.constexpr, WIDE_INDEX: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_m = offs_m < M
     in_n = offs_n < N
-    row = offs_n.to(tl.int64) * K  # flat index of W[n, 0]
+    row = (offs_n.to(tl.int64) if WIDE_INDEX else offs_n) * K  # flat index of W[n, 0]
     dt = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -42,9 +43,9 @@ def _forward_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, 
         x = tl.load(x_ptr + offs_m[:, None] * sxm + offs_k[None, :] * sxk,
                     mask=in_m[:, None] & in_k[None, :], other=0.0)
         # W^T tile [BLOCK_K, BLOCK_N]
-        wt = nf4_decode(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                        row[None, :] + offs_k[:, None], in_k[:, None] & in_n[None, :],
-                        BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE)
+        wt = nf4_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                      row[None, :], offs_k[:, None], k0, in_n[None, :], in_k[:, None],
+                      BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, ROW_SCALE)
         acc = tl.dot(x, wt.to(dt), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[None, :]
@@ -57,7 +58,7 @@ def _forward_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, 
                          mask=in_m[:, None] & in_r[None, :], other=0.0)
             bt = tl.load(b_ptr + offs_n[None, :] * sbn + offs_r[:, None] * sbr,
                          mask=in_r[:, None] & in_n[None, :], other=0.0)
-            lora = tl.dot(xa, bt.to(xa.dtype), lora, input_precision=PRECISION)
+            lora = tl.dot(xa, bt.to(xa.dtype), lora, input_precision=LORA_PRECISION)
         acc += scaling * lora
     tl.store(y_ptr + offs_m[:, None] * sym + offs_n[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
              mask=in_m[:, None] & in_n[None, :])
@@ -68,13 +69,15 @@ def _backward_input_kernel(g_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absma
                            gb_ptr, a_ptr, gx_ptr, M, N, K, R, scaling,
                            sgm, sgn, sbm, sbr, sar, sak, sxm, sxk,
                            BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-                           HAS_LORA: tl.constexpr, PRECISION: tl.constexpr,
+                           ROW_SCALE: tl.constexpr, WIDE_INDEX: tl.constexpr, HAS_LORA: tl.constexpr,
+                           PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            BLOCK_R: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     in_m = offs_m < M
     in_k = offs_k < K
+    k0 = tl.program_id(1) * BLOCK_K
     dt = g_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
@@ -83,9 +86,10 @@ def _backward_input_kernel(g_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absma
         g = tl.load(g_ptr + offs_m[:, None] * sgm + offs_n[None, :] * sgn,
                     mask=in_m[:, None] & in_n[None, :], other=0.0)
         # W tile [BLOCK_N, BLOCK_K], straight from the packed (N, K) bytes
-        w = nf4_decode(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                       offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], in_n[:, None] & in_k[None, :],
-                       BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE)
+        row = (offs_n.to(tl.int64) if WIDE_INDEX else offs_n) * K
+        w = nf4_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                     row[:, None], offs_k[None, :], k0, in_n[:, None], in_k[None, :],
+                     BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, ROW_SCALE)
         acc = tl.dot(g, w.to(dt), acc, input_precision=PRECISION)
     if HAS_LORA:
         lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -96,7 +100,7 @@ def _backward_input_kernel(g_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absma
                          mask=in_m[:, None] & in_r[None, :], other=0.0)
             a = tl.load(a_ptr + offs_r[:, None] * sar + offs_k[None, :] * sak,
                         mask=in_r[:, None] & in_k[None, :], other=0.0)
-            lora = tl.dot(gb, a.to(gb.dtype), lora, input_precision=PRECISION)
+            lora = tl.dot(gb, a.to(gb.dtype), lora, input_precision=LORA_PRECISION)
         acc += scaling * lora
     tl.store(gx_ptr + offs_m[:, None] * sxm + offs_k[None, :] * sxk, acc.to(gx_ptr.dtype.element_ty),
              mask=in_m[:, None] & in_k[None, :])
@@ -116,16 +120,17 @@ def forward(x: torch.Tensor, w, xa: torch.Tensor | None, B: torch.Tensor | None,
     r = xa.shape[1] if lora else 0
     xa_, b_ = (xa, B) if lora else (x, x)  # placeholders when there is no LoRA term
     absmax, nested_absmax, nested_code, offset, dq, nested_bs = scale_args(w)
-    bm, bn, bk, br = _tiles(m, r)
+    bm, bn, bk, br, warps = _tiles(m, r, x.dtype)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _forward_kernel[grid](
         x, w.packed, absmax, code_on(w), nested_absmax, nested_code, offset,
         xa_, b_, bias if bias is not None else x, y, m, n, k, r, float(scaling),
         x.stride(0), x.stride(1), xa_.stride(0), xa_.stride(1), b_.stride(0), b_.stride(1),
         y.stride(0), y.stride(1),
-        BLOCKSIZE=w.blocksize, DOUBLE_QUANT=dq, NESTED_BLOCKSIZE=nested_bs, HAS_LORA=lora,
-        HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, num_warps=4, num_stages=3)
+        BLOCKSIZE=w.blocksize, DOUBLE_QUANT=dq, NESTED_BLOCKSIZE=nested_bs,
+        ROW_SCALE=_row_scale(k, w.blocksize, bk), WIDE_INDEX=_wide(n, k), HAS_LORA=lora, HAS_BIAS=bias is not None,
+        PRECISION=_precision(x.dtype), LORA_PRECISION=_precision(xa_.dtype),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, num_warps=warps, num_stages=3)
     return y
 
 
@@ -141,29 +146,47 @@ def backward_input(g: torch.Tensor, w, gb: torch.Tensor | None, A: torch.Tensor 
     r = gb.shape[1] if lora else 0
     gb_, a_ = (gb, A) if lora else (g, g)
     absmax, nested_absmax, nested_code, offset, dq, nested_bs = scale_args(w)
-    bm, bn, bk, br = _tiles(m, r)
+    bm, bn, bk, br, warps = _tiles(m, r, g.dtype)
     grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
     _backward_input_kernel[grid](
         g, w.packed, absmax, code_on(w), nested_absmax, nested_code, offset,
         gb_, a_, gx, m, n, k, r, float(scaling),
         g.stride(0), g.stride(1), gb_.stride(0), gb_.stride(1), a_.stride(0), a_.stride(1),
         gx.stride(0), gx.stride(1),
-        BLOCKSIZE=w.blocksize, DOUBLE_QUANT=dq, NESTED_BLOCKSIZE=nested_bs, HAS_LORA=lora,
-        PRECISION=_precision(g.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br,
-        num_warps=4, num_stages=3)
+        BLOCKSIZE=w.blocksize, DOUBLE_QUANT=dq, NESTED_BLOCKSIZE=nested_bs,
+        ROW_SCALE=_row_scale(k, w.blocksize, bk), WIDE_INDEX=_wide(n, k), HAS_LORA=lora,
+        PRECISION=_precision(g.dtype), LORA_PRECISION=_precision(gb_.dtype),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, num_warps=warps, num_stages=3)
     return gx
 
 
-def _tiles(m: int, r: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R): tl.dot needs every side >= 16; small M (decode) gets a thin M tile."""
-    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+def _tiles(m: int, r: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, num_warps). tl.dot needs every side >= 16; small M (decode)
+    gets a thin M tile. Chosen so the sm_80/87/90 builds don't spill registers (tests/triton_aot_compile.py):
+    fp32 products take far more registers, hence its small tiles. Not timed: no GPU here."""
     br = min(64, max(16, triton.next_power_of_2(max(r, 1))))
-    return bm, 64, 64, br
+    if dtype == torch.float32:
+        return (16 if m <= 16 else 32), 32, 32, br, 4
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    return bm, 64, 64, br, 4 if bm == 16 else 8
+
+
+def _row_scale(k: int, blocksize: int, block_k: int) -> bool:
+    """Rows start on a quantization block and a K tile never straddles one: one scale per row and tile."""
+    return k % blocksize == 0 and blocksize % block_k == 0
+
+
+def _wide(n: int, k: int) -> bool:
+    """int64 flat indices only when int32 could overflow (masked lanes reach a tile past the last row)."""
+    return (n + 256) * k >= 2**31
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """fp32 inputs: IEEE products unless torch itself allows TF32 for fp32 matmuls (as the reference would)."""
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    """tl.dot input precision: fp32 operands get IEEE products unless torch itself allows TF32 for fp32
+    matmuls (as the reference would); 16-bit operands keep Triton's default, which doesn't affect them."""
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32"
 
 
 def _check_weight_on(w, like: torch.Tensor) -> tuple[int, int]:
