@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import torch
 
-from forge_rt._native import native
+from forge_rt._native import require_native as _require_native
 
 QUANT_TYPES = {"nf4": 0, "fp4": 1}
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -155,14 +155,6 @@ def _quantize_absmax(absmax: torch.Tensor):
     q = _dynamic_lut()[pos]
     q[nested == 0] = 0  # an all-equal block (e.g. a single block) codes as 0
     return q.view(-1)[:n].contiguous(), nested, offset.item()
-
-
-def _require_native():
-    mod = native()
-    if mod is None:
-        from forge_rt._native import require_native
-        return require_native()
-    return mod
 
 
 def _check_weight(weight) -> None:

@@ -64,9 +64,15 @@ int64_t quantize_cpu(const void* src, int src_type, int64_t n, int blocksize, in
 
 void dequantize_cpu(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, int qtype,
                     float* out) {
+  float table[16];
+  for (int q = 0; q < 16; ++q) table[q] = code_value(q, qtype);
+  const int64_t n_blocks = (n + blocksize - 1) / blocksize;
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    out[i] = dequant_element(packed, absmax, i, blocksize, qtype);
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const int64_t start = b * blocksize;
+    const int64_t len = std::min<int64_t>(blocksize, n - start);
+    const float scale = absmax[b];
+    for (int64_t j = 0; j < len; ++j) out[start + j] = table[unpack(packed, start + j)] * scale;
   }
 }
 
