@@ -122,6 +122,11 @@ def test_cli_seal_verify_unseal(adapter_dir, tmp_path):
     env[seal.PASSPHRASE_ENV] = "wrong"
     r = run("verify", out)
     assert r.returncode == 2 and "wrong passphrase" in r.stderr
+    env[seal.PASSPHRASE_ENV] = PW
+    r = run("seal", tmp_path / "back", "--out", tmp_path / "again.sealed", "--kdf", "argon2id", "--shred-plaintext")
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "back").exists() and '"files": 4' in r.stdout
+    assert run("verify", tmp_path / "again.sealed").returncode == 0
 
 
 def _tiny_llama():
