@@ -101,6 +101,12 @@ inline void decode_run(const NF4View& w, int64_t i, int64_t len, float* out) {
   decode_visit(w, i, len, vec, [out](int64_t o, float v) { out[o] = v; });
 }
 
+// Position q of a decode32 group (4 vectors of 8) holds element perm32_index(q) of the group.
+inline int perm32_index(int q) {
+  const int v = q / 8, lane = (q % 8) / 4, t = q % 4;
+  return 8 * v + 2 * t + (lane == 0 ? 1 : 0);
+}
+
 #ifdef FORGE_RT_AVX2
 // Byte-plane lookup: 32 elements (16 bytes) decoded with four in-lane byte shuffles, one per byte of
 // the fp32 code values, in the fixed order of perm32_index (GEMV inputs are permuted to match).
@@ -131,12 +137,6 @@ struct Perm32Code {
             _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23)), scale)}};
   }
 };
-
-// Position q of a decode32 group (4 vectors of 8) holds element perm32_index(q) of the group.
-inline int perm32_index(int q) {
-  const int v = q / 8, lane = (q % 8) / 4, t = q % 4;
-  return 8 * v + 2 * t + (lane == 0 ? 1 : 0);
-}
 
 // Visits elements [i, i+len) in 32-element groups: vec(o, v) gets decode32's 4 vectors for offset o.
 // Precondition (perm32_ok): i is even and every quant block boundary in the range is 32-aligned to i.

@@ -253,7 +253,6 @@ void axpy(float* y, float alpha, const float* x, int64_t n) {
 }
 
 
-#ifdef FORGE_RT_AVX2
 // Rows permuted group by group into decode32's element order (and back), so GEMV inputs and
 // outputs line up with the byte-plane decoder.
 void permute32(const float* src, float* dst, int64_t n) {
@@ -265,9 +264,11 @@ void unpermute32(const float* src, float* dst, int64_t n) {
     for (int q = 0; q < 32; ++q) dst[g + perm32_index(q)] = src[g + q];
 }
 
-template <int NV>
+#ifdef FORGE_RT_AVX2
+// acc[0..NA) += x . v, spread over NA independent chains to hide the FMA latency.
+template <int NA, int NV>
 void accumulate(__m256* acc, const float* x, const Vecs<NV>& v) {
-  for (int j = 0; j < NV; ++j) *acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + 8 * j), v.v[j], *acc);
+  for (int j = 0; j < NV; ++j) acc[j % NA] = _mm256_fmadd_ps(_mm256_loadu_ps(x + 8 * j), v.v[j], acc[j % NA]);
 }
 template <int NV>
 void axpy_vec(float* out, float alpha, const Vecs<NV>& v) {
@@ -290,10 +291,12 @@ void gemv_forward_rows(const float* x, const NF4View& w, const float* xa, const 
   for (int64_t n = 0; n < N; ++n) {
     float acc[MM] = {};
 #ifdef FORGE_RT_AVX2
-    __m256 vacc[MM];
-    for (int m = 0; m < MM; ++m) vacc[m] = _mm256_setzero_ps();
+    constexpr int NA = MM == 1 ? 4 : (MM == 2 ? 2 : 1);  // accumulator chains per input row
+    __m256 vacc[MM][NA];
+    for (int m = 0; m < MM; ++m)
+      for (int a = 0; a < NA; ++a) vacc[m][a] = _mm256_setzero_ps();
     auto vec = [&](int64_t o, const auto& v) {
-      for (int m = 0; m < MM; ++m) accumulate(&vacc[m], x + m * K + o, v);
+      for (int m = 0; m < MM; ++m) accumulate<NA>(vacc[m], x + m * K + o, v);
     };
     if (kPerm) {
       decode_visit_perm32(w, pc, n * K, K, vec);
@@ -306,7 +309,7 @@ void gemv_forward_rows(const float* x, const NF4View& w, const float* xa, const 
     });
     for (int m = 0; m < MM; ++m) {
 #ifdef FORGE_RT_AVX2
-      acc[m] += hsum(vacc[m]);
+      for (int a = 0; a < NA; ++a) acc[m] += hsum(vacc[m][a]);
 #endif
       if (bias) acc[m] += bias[n];
       if (r) acc[m] += s * dot(xa + m * r, B + n * r, r);
