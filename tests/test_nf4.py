@@ -6,9 +6,7 @@ import torch
 bnbF = pytest.importorskip("bitsandbytes.functional")
 
 from forge_rt import nf4  # noqa: E402
-from forge_rt._native import native  # noqa: E402
-
-pytestmark = pytest.mark.skipif(native() is None, reason="forge_rt._C not built")
+from forge_rt._native import require_native as native  # noqa: E402
 
 SHAPES = [(3, 5), (1, 1), (257, 129), (64, 128), (7,)]
 

@@ -10,9 +10,6 @@ bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
 
 from forge_rt import swap  # noqa: E402
-from forge_rt._native import native  # noqa: E402
-
-pytestmark = pytest.mark.skipif(native() is None, reason="forge_rt._C not built")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_LAYERS = 1
