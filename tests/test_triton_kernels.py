@@ -38,8 +38,8 @@ def rel_err(out, ref):
 
 # (M, N, K, blocksize, double_quant): no side a multiple of the tiles, K not a multiple of the blocksize
 SHAPES = [(1, 17, 70, 64, True), (5, 70, 130, 64, False), (33, 130, 17, 128, True),
-          (5, 130, 70, 128, False), (20, 33, 200, 64, True),
-          (3, 70, 128, 64, True), (17, 33, 256, 128, False)]  # K % blocksize == 0: one scale per row and tile
+          (5, 130, 70, 128, False), (20, 90, 200, 64, True),  # 282 blocks: more than one nested absmax
+          (3, 150, 128, 64, True), (17, 33, 256, 128, False)]  # K % blocksize == 0: one scale per row and tile
 RANKS = [None, 1, 8, 33]
 
 
@@ -125,14 +125,20 @@ def test_lora_term_runs_in_the_adapter_dtype():
 @pytest.mark.parametrize("blocksize,double_quant", [(64, False), (64, True), (128, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 def test_dequantize_equals_bitsandbytes(quant_type, blocksize, double_quant, dtype):
-    w, W = make_weight(33, 75, blocksize, double_quant, quant_type)  # odd element count: last byte half used
+    w, W = make_weight(33, 751, blocksize, double_quant, quant_type)  # odd count: last byte half used; >256 blocks
     out = nf4_triton.dequantize(w, dtype)
-    assert out.dtype == dtype and out.shape == (33, 75)
+    assert out.dtype == dtype and out.shape == (33, 751)
     if dtype == torch.bfloat16:
         # the interpreter truncates fp32 -> bf16 (a GPU rounds to nearest even): allow one bf16 ulp
         assert ((out.float() - W).abs() <= W.abs() * 2.0**-7).all()
     else:
         assert torch.equal(out, W.to(dtype))
+
+
+def test_dequantize_any_shape_matches_forge_nf4():
+    from forge_rt import nf4
+    w = nf4.quantize(torch.randn(3, 5, 77), blocksize=64, double_quant=True)
+    assert torch.equal(nf4_triton.dequantize(w), nf4.dequantize(w))
 
 
 def test_strided_inputs_and_empty_batch():
@@ -161,6 +167,8 @@ def test_bad_inputs_get_clear_errors():
     bad = dataclasses.replace(w, packed=w.packed[:-1])
     with pytest.raises(ValueError, match="needs 700"):
         qlora_triton.forward(x, bad, None, None, 1.0, None)
+    with pytest.raises(ValueError, match="absmax has 21 entries"):
+        qlora_triton.forward(x, dataclasses.replace(w, absmax=w.absmax[:-1]), None, None, 1.0, None)
     half_dq = dataclasses.replace(w, absmax=w.absmax.to(torch.uint8))
     with pytest.raises(ValueError, match="must be float32"):
         nf4_triton.dequantize(half_dq)

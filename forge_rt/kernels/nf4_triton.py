@@ -9,9 +9,13 @@ Triton decides at import whether kernels run compiled or in the interpreter: set
 before importing this module to run it on CPU tensors."""
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
+
+from forge_rt.nf4 import NESTED_BLOCKSIZE
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -56,21 +60,21 @@ def nf4_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_pt
 
 
 def scale_args(w) -> tuple:
-    """(absmax, nested_absmax, nested_code, offset, double_quant, nested_blocksize) for `nf4_scales`;
-    unused pointers repeat `absmax` so every launch has the same signature."""
+    """(absmax, nested_absmax, nested_code, offset, double_quant) for `nf4_scales`; unused pointers
+    repeat `absmax` so every launch has the same signature."""
     device = w.packed.device
     if w.nested_absmax is None:
         if w.absmax.dtype != torch.float32:
             raise ValueError(f"NF4Weight.absmax is {w.absmax.dtype}; without nested_absmax it must be float32 "
                              "(a uint8 absmax needs nested_absmax, nested_code and offset)")
         absmax = _on(w.absmax, device)
-        return absmax, absmax, absmax, 0.0, False, 256
+        return absmax, absmax, absmax, 0.0, False
     if w.absmax.dtype != torch.uint8 or w.nested_code is None or w.offset is None:
         raise ValueError("double-quantized NF4Weight needs a uint8 absmax, nested_code and offset; "
                          f"got absmax {w.absmax.dtype}, nested_code {w.nested_code is not None}, "
                          f"offset {w.offset is not None}")
     return (_on(w.absmax, device), _on(w.nested_absmax, device).float(), _on(w.nested_code, device).float(),
-            float(w.offset), True, getattr(w, "nested_blocksize", 256))
+            float(w.offset), True)
 
 
 _codes: dict[tuple[str, str], torch.Tensor] = {}
@@ -89,15 +93,23 @@ def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def check_weight(w) -> None:
-    """Clear errors for an NF4Weight the kernels can't read, before launching anything."""
+    """Clear errors for an NF4Weight the kernels can't read (they would read out of bounds), before
+    launching anything."""
+    numel = math.prod(w.shape)
     if w.packed.dtype != torch.uint8:
         raise ValueError(f"NF4Weight.packed must be uint8, got {w.packed.dtype}")
-    n, k = w.shape
-    if w.packed.numel() != (n * k + 1) // 2:
+    if w.packed.numel() != (numel + 1) // 2:
         raise ValueError(f"NF4Weight.packed has {w.packed.numel()} bytes; shape {tuple(w.shape)} needs "
-                         f"{(n * k + 1) // 2}")
+                         f"{(numel + 1) // 2}")
     if w.blocksize <= 0:
         raise ValueError(f"NF4Weight.blocksize must be positive, got {w.blocksize}")
+    n_blocks = -(-numel // w.blocksize)
+    if w.absmax.numel() < n_blocks:
+        raise ValueError(f"NF4Weight.absmax has {w.absmax.numel()} entries; {numel} elements in blocks of "
+                         f"{w.blocksize} need {n_blocks}")
+    if w.nested_absmax is not None and w.nested_absmax.numel() < -(-n_blocks // NESTED_BLOCKSIZE):
+        raise ValueError(f"NF4Weight.nested_absmax has {w.nested_absmax.numel()} entries; {n_blocks} blocks "
+                         f"need {-(-n_blocks // NESTED_BLOCKSIZE)}")
 
 
 @triton.jit
@@ -112,7 +124,7 @@ def _dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nest
 
 
 def dequantize(w, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The full-precision (N, K) weight of `w` in `dtype` (default: the weight's original dtype), on the
+    """The full-precision weight of `w` (shape `w.shape`) in `dtype` (default: the weight's original dtype), on the
     device of `w.packed`. Values are code[nibble] * absmax in fp32, then cast, as bitsandbytes does."""
     dtype = dtype or w.dtype
     if dtype not in _FLOAT_DTYPES:
@@ -122,9 +134,9 @@ def dequantize(w, dtype: torch.dtype | None = None) -> torch.Tensor:
     numel = out.numel()
     if numel == 0:
         return out
-    absmax, nested_absmax, nested_code, offset, dq, nested_bs = scale_args(w)
+    absmax, nested_absmax, nested_code, offset, dq = scale_args(w)
     block = 1024
     _dequantize_kernel[(triton.cdiv(numel, block),)](
         w.packed, absmax, code_on(w), nested_absmax, nested_code, offset, out, numel,
-        BLOCKSIZE=w.blocksize, DOUBLE_QUANT=dq, NESTED_BLOCKSIZE=nested_bs, BLOCK=block)
+        BLOCKSIZE=w.blocksize, DOUBLE_QUANT=dq, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, BLOCK=block)
     return out

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from forge_rt.kernels.nf4_triton import check_weight, code_on, nf4_tile, scale_args
+from forge_rt.nf4 import NESTED_BLOCKSIZE
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -119,7 +120,7 @@ def forward(x: torch.Tensor, w, xa: torch.Tensor | None, B: torch.Tensor | None,
         return y
     r = xa.shape[1] if lora else 0
     xa_, b_ = (xa, B) if lora else (x, x)  # placeholders when there is no LoRA term
-    absmax, nested_absmax, nested_code, offset, dq, nested_bs = scale_args(w)
+    absmax, nested_absmax, nested_code, offset, dq = scale_args(w)
     bm, bn, bk, br, warps = _tiles(m, r, x.dtype)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _forward_kernel[grid](
@@ -127,7 +128,7 @@ def forward(x: torch.Tensor, w, xa: torch.Tensor | None, B: torch.Tensor | None,
         xa_, b_, bias if bias is not None else x, y, m, n, k, r, float(scaling),
         x.stride(0), x.stride(1), xa_.stride(0), xa_.stride(1), b_.stride(0), b_.stride(1),
         y.stride(0), y.stride(1),
-        BLOCKSIZE=w.blocksize, DOUBLE_QUANT=dq, NESTED_BLOCKSIZE=nested_bs,
+        BLOCKSIZE=w.blocksize, DOUBLE_QUANT=dq, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE,
         ROW_SCALE=_row_scale(k, w.blocksize, bk), WIDE_INDEX=_wide(n, k), HAS_LORA=lora, HAS_BIAS=bias is not None,
         PRECISION=_precision(x.dtype), LORA_PRECISION=_precision(xa_.dtype),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, num_warps=warps, num_stages=3)
@@ -145,7 +146,7 @@ def backward_input(g: torch.Tensor, w, gb: torch.Tensor | None, A: torch.Tensor 
         return gx
     r = gb.shape[1] if lora else 0
     gb_, a_ = (gb, A) if lora else (g, g)
-    absmax, nested_absmax, nested_code, offset, dq, nested_bs = scale_args(w)
+    absmax, nested_absmax, nested_code, offset, dq = scale_args(w)
     bm, bn, bk, br, warps = _tiles(m, r, g.dtype)
     grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
     _backward_input_kernel[grid](
@@ -153,7 +154,7 @@ def backward_input(g: torch.Tensor, w, gb: torch.Tensor | None, A: torch.Tensor 
         gb_, a_, gx, m, n, k, r, float(scaling),
         g.stride(0), g.stride(1), gb_.stride(0), gb_.stride(1), a_.stride(0), a_.stride(1),
         gx.stride(0), gx.stride(1),
-        BLOCKSIZE=w.blocksize, DOUBLE_QUANT=dq, NESTED_BLOCKSIZE=nested_bs,
+        BLOCKSIZE=w.blocksize, DOUBLE_QUANT=dq, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE,
         ROW_SCALE=_row_scale(k, w.blocksize, bk), WIDE_INDEX=_wide(n, k), HAS_LORA=lora,
         PRECISION=_precision(g.dtype), LORA_PRECISION=_precision(gb_.dtype),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, num_warps=warps, num_stages=3)
@@ -190,6 +191,9 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _check_weight_on(w, like: torch.Tensor) -> tuple[int, int]:
+    if len(w.shape) != 2:
+        raise ValueError(f"the NF4 weight of a linear layer must be 2-D (out_features, in_features), "
+                         f"got shape {tuple(w.shape)}")
     check_weight(w)
     if w.packed.device != like.device:
         raise ValueError(f"NF4 weight is on {w.packed.device} but the input is on {like.device}; move one of them")
