@@ -2,7 +2,7 @@
 // term in the epilogue) in which B_op is the 4-bit weight read either transposed (forward: W^T) or
 // as stored (backward: W). Large M: BLIS-style blocking, B_op dequantized panel by panel into
 // per-thread buffers and consumed by a register-blocked 6x16 micro-kernel. Small M: GEMV paths that
-// decode each weight chunk once into an L1-sized buffer.
+// decode each weight element once, in registers (a 32-element byte-shuffle decoder when rows allow).
 #include "qlora/qlora_cpu.h"
 
 #include <algorithm>
