@@ -1,6 +1,6 @@
 """Accuracy of the Triton fused NF4 LoRA kernels in Triton's CPU interpreter, vs the PyTorch reference.
 
-    python bench/triton_accuracy.py [--json out.json]
+    python bench/bench_triton.py [--json bench/results/triton_accuracy.json]
 
 Max relative error (max |out - ref| / max |ref|) per dtype and kernel over a grid of odd shapes,
 ranks, blocksizes, double quantization and bias. The reference computes in fp32 from the same inputs,
