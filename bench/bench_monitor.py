@@ -81,6 +81,10 @@ def main(argv=None) -> dict:
         for _ in range(2000):
             mon._take()
         sample_s = (time.perf_counter() - t0) / 2000
+        t0 = time.perf_counter()
+        for i in range(2000):
+            mon.mark("forward", i)
+        mark_s = (time.perf_counter() - t0) / 2000
         mon.stop()
     result = {
         "workload": f"3 fwd + 6 bwd matmuls {args.size}^2 fp32 + update, 3 marks/step",
@@ -93,6 +97,8 @@ def main(argv=None) -> dict:
         "samples_last_round": n_samples,
         "one_sample_us": sample_s * 1e6,
         "sampler_cpu_fraction_at_interval": sample_s / args.interval,
+        "one_mark_us": mark_s * 1e6,
+        "marks_fraction_of_median_off_step": 3 * mark_s / statistics.median(off),
         "torch_threads": torch.get_num_threads(),
     }
     print(json.dumps(result, indent=2))
