@@ -19,6 +19,7 @@ namespace {
 constexpr int MR = 6, NR = 16;
 constexpr int64_t KC = 256;       // depth of a dequantized panel (micro-panel = KC*NR*4 = 16 KiB, L1)
 constexpr int64_t NC = 256;       // width of a dequantized panel (KC*NC*4 = 256 KiB, L2)
+constexpr double SCRATCH_FRACTION = 0.10;  // scratch cap, as a fraction of the fp32 weight's bytes
 constexpr int64_t GEMV_MAX_M = 4;  // below this many rows a 6-row micro-kernel wastes most lanes
 constexpr int64_t CHUNK = 512;    // gx columns per GEMV-backward task (M rows of it stay in L1)
 
@@ -179,7 +180,15 @@ void gemm(const Gemm& p, int n_threads) {
   const int64_t panels = (p.Nc + NR - 1) / NR;
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, panels)));
   const int64_t per_thread = (panels + nt - 1) / nt * NR;  // columns per thread, whole micro-panels
-  const int64_t wbuf = KC * NC, lbuf = p.r * NC, tbuf = std::max(NR * KC, NC + NR);
+  // Small weights get smaller panels so that scratch stays a small fraction of the weight.
+  int64_t kc = KC, nc = NC;
+  auto scratch = [&] { return nt * (kc * nc + p.r * nc + std::max(NR * kc, nc + NR)); };
+  const double cap = SCRATCH_FRACTION * static_cast<double>(p.Nc) * static_cast<double>(p.Kd);
+  while (scratch() > cap && (nc > NR || kc > 32)) {
+    if (nc > NR) nc /= 2;
+    else kc /= 2;
+  }
+  const int64_t wbuf = kc * nc, lbuf = p.r * nc, tbuf = std::max(NR * kc, nc + NR);
   g_transient = nt * static_cast<int64_t>((wbuf + lbuf + tbuf) * sizeof(float));
 #pragma omp parallel num_threads(nt)
   {
@@ -192,11 +201,11 @@ void gemm(const Gemm& p, int n_threads) {
     const int64_t c_begin = tid * per_thread, c_end = std::min(p.Nc, c_begin + per_thread);
     const float* arows[MR];
     const float* lrows[MR];
-    for (int64_t nc0 = c_begin; nc0 < c_end; nc0 += NC) {
-      const int64_t ncl = std::min(NC, c_end - nc0);
+    for (int64_t nc0 = c_begin; nc0 < c_end; nc0 += nc) {
+      const int64_t ncl = std::min(nc, c_end - nc0);
       if (p.r) pack_lora(p, nc0, ncl, lpanel.data());
-      for (int64_t kd0 = 0; kd0 < p.Kd || kd0 == 0; kd0 += KC) {
-        const int64_t kdl = std::min(KC, p.Kd - kd0);
+      for (int64_t kd0 = 0; kd0 < p.Kd || kd0 == 0; kd0 += kc) {
+        const int64_t kdl = std::min(kc, p.Kd - kd0);
         const bool first = kd0 == 0;
         pack_weight(p, kd0, kdl, nc0, ncl, wpanel.data(), tmp.data());
         for (int64_t m0 = 0; m0 < p.M; m0 += MR) {
