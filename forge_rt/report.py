@@ -119,9 +119,14 @@ def render_markdown(m: dict, plots: list[str]) -> str:
     s = m.get("scrub") or {}
     lines.append(f"- PII scrubbing: {json.dumps(s)}")
     if "egress_attempts" in m:
-        lines.append(f"- network egress attempts: {m['egress_attempts']}")
-    if "shredded" in m:
-        lines.append(f"- shredded training files: {m['shredded'] or 'none'}")
+        lines.append(f"- network egress (offline guard): {m['egress']}")
+    if m.get("sealed"):
+        lines.append(f"- adapter sealed to `{m['sealed']['sealed']}` ({m['sealed']['kdf']}, AES-256-GCM); "
+                     f"{m['sealed']['plaintext_shredded']} plaintext adapter/checkpoint files shredded")
+    if m.get("shredded"):
+        sh = m["shredded"]
+        lines.append(f"- training data shredded: {sh['files']} file(s), {sh['bytes']} bytes at {sh['time']} "
+                     f"(caveat: {sh['caveat']})")
     if m.get("score_base") is not None:
         lines += ["", "## Evaluation (held-out set, greedy decoding)", "",
                   "| metric | base | tuned |", "|---|---|---|"]

@@ -476,7 +476,8 @@ def run_training(cfg: TrainConfig, run: Path, resume: str | None, guard=None) ->
                                    eval_time_s=t_eval, total_time_s=time.time() - t_all)
     finish_sovereign(cfg, run, train_path, passphrase, metrics)
     if guard is not None:
-        metrics["egress_attempts"] = len(list(getattr(guard, "attempts", []) or []))
+        metrics["egress_attempts"] = len(guard.attempts)
+        metrics["egress"] = guard.report()["summary"]
     report.write_run_report(run, metrics, read_metrics(run / "metrics.jsonl"))
     print(report.summary_line(metrics), flush=True)
     print(f"run: {run}", flush=True)
@@ -484,21 +485,21 @@ def run_training(cfg: TrainConfig, run: Path, resume: str | None, guard=None) ->
 
 
 def finish_sovereign(cfg: TrainConfig, run: Path, train_path: Path, passphrase: str | None, metrics: dict) -> None:
-    if cfg.seal:
-        import shutil
-        from forge_rt import seal
-        out = run / "adapter.sealed"
-        seal.seal_dir(run / "adapter", out, passphrase)
-        shutil.rmtree(run / "adapter")
-        metrics["sealed_adapter"] = str(out)
-    if cfg.shred_data:
+    """--seal: encrypt adapter/ to adapter.sealed, then shred the plaintext adapter and the checkpoints
+    (they hold the same weights). --shred-data: shred the training file (never the shipped demo)."""
+    if cfg.seal or cfg.shred_data:
         from forge_rt import shred
+    if cfg.seal:
+        from forge_rt import seal
+        metrics["sealed"] = seal.seal_dir(run / "adapter", run / "adapter.sealed", passphrase)
+        plaintext = [p for p in (run / "adapter", run / "checkpoints") if p.exists()]
+        metrics["sealed"]["plaintext_shredded"] = shred.shred_paths(plaintext)["files"]
+    if cfg.shred_data:
         if cfg.data is None:
             print("shred: skipped, the training data is the shipped demo", flush=True)
-            metrics["shredded"] = []
+            metrics["shredded"] = None
         else:
-            shred.shred_file(train_path)
-            metrics["shredded"] = [str(train_path)]
+            metrics["shredded"] = shred.shred_paths([train_path])
 
 
 def _jsonable(res: dict, seconds: float | None) -> dict:

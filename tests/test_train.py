@@ -109,3 +109,25 @@ def test_interrupt_and_resume_matches_uninterrupted(tiny, tmp_path, monkeypatch)
     # Same optimizer trajectory: restored optimizer/scheduler/RNG/data order give the same losses.
     assert [r["lr"] for r in b] == [r["lr"] for r in a]
     torch.testing.assert_close([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-4, atol=1e-5)
+
+
+def test_seal_shred_and_scrub(tiny, tmp_path, monkeypatch, capsys):
+    model_dir, _ = tiny
+    rows = tiny_rows()
+    rows[0]["prompt"] += " Reported by ops.lead@example.com"
+    data = write_jsonl(tmp_path / "private.jsonl", rows)
+    run = tmp_path / "run"
+    monkeypatch.setenv("FORGE_RT_PASSPHRASE", "correct horse battery staple")
+    assert train.main(tiny_args(model_dir, data, run, "--max-steps", "2", "--seal", "--shred-data")) == 0
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["scrub"]["counts"] == {"EMAIL": 1} and m["scrub"]["rows_touched"] == 1
+    assert "example.com" not in (run / "metrics.json").read_text()
+    assert (run / "adapter.sealed").is_file() and not (run / "adapter").exists() and not (run / "checkpoints").exists()
+    assert not data.exists() and m["shredded"]["files"] == 1
+    from forge_rt import generate
+    model, tok, _ = generate.load_run(run)  # decrypts in memory with FORGE_RT_PASSPHRASE
+    assert model.forge_rt_summary["accelerated"] > 0
+    monkeypatch.setenv("FORGE_RT_PASSPHRASE", "wrong")
+    from forge_rt.seal import WrongPassphraseError
+    with pytest.raises(WrongPassphraseError):
+        generate.load_run(run)
