@@ -143,8 +143,8 @@ def test_dequantize_any_shape_matches_forge_nf4():
 
 def test_strided_inputs_and_empty_batch():
     w, W = make_weight(20, 70, 64, True)
-    x = torch.randn(4, 140)[:, ::2]  # non-contiguous view
-    assert rel_err(qlora_triton.forward(x, w, None, None, 1.0, None), x @ W.T) <= 1e-5
+    x, bias = torch.randn(4, 140)[:, ::2], torch.randn(40)[::2]  # non-contiguous views
+    assert rel_err(qlora_triton.forward(x, w, None, None, 1.0, bias), x @ W.T + bias) <= 1e-5
     assert qlora_triton.forward(torch.empty(0, 70), w, None, None, 1.0, None).shape == (0, 20)
     assert qlora_triton.backward_input(torch.empty(0, 20), w, None, None, 1.0).shape == (0, 70)
 

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from forge_rt.nf4 import NESTED_BLOCKSIZE
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -96,8 +96,9 @@ def check_weight(w) -> None:
     """Clear errors for an NF4Weight the kernels can't read (they would read out of bounds), before
     launching anything."""
     numel = math.prod(w.shape)
-    if w.packed.dtype != torch.uint8:
-        raise ValueError(f"NF4Weight.packed must be uint8, got {w.packed.dtype}")
+    if w.packed.dtype != torch.uint8 or not w.packed.is_contiguous():
+        raise ValueError(f"NF4Weight.packed must be a contiguous uint8 tensor, got {w.packed.dtype} with "
+                         f"strides {w.packed.stride()}")
     if w.packed.numel() != (numel + 1) // 2:
         raise ValueError(f"NF4Weight.packed has {w.packed.numel()} bytes; shape {tuple(w.shape)} needs "
                          f"{(numel + 1) // 2}")
@@ -127,8 +128,8 @@ def dequantize(w, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The full-precision weight of `w` (shape `w.shape`) in `dtype` (default: the weight's original dtype), on the
     device of `w.packed`. Values are code[nibble] * absmax in fp32, then cast, as bitsandbytes does."""
     dtype = dtype or w.dtype
-    if dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"dequantize: dtype must be one of {_FLOAT_DTYPES}, got {dtype}")
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dequantize: dtype must be one of {FLOAT_DTYPES}, got {dtype}")
     check_weight(w)
     out = torch.empty(tuple(w.shape), dtype=dtype, device=w.packed.device)
     numel = out.numel()

@@ -17,10 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from forge_rt.kernels.nf4_triton import check_weight, code_on, nf4_tile, scale_args
+from forge_rt.kernels.nf4_triton import FLOAT_DTYPES, check_weight, code_on, nf4_tile, scale_args
 from forge_rt.nf4 import NESTED_BLOCKSIZE
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -119,6 +117,8 @@ def forward(x: torch.Tensor, w, xa: torch.Tensor | None, B: torch.Tensor | None,
     if m == 0 or n == 0:
         return y
     r = xa.shape[1] if lora else 0
+    _check_extent(m, n, k, r)
+    bias = bias.contiguous() if bias is not None else None
     xa_, b_ = (xa, B) if lora else (x, x)  # placeholders when there is no LoRA term
     absmax, nested_absmax, nested_code, offset, dq = scale_args(w)
     bm, bn, bk, br, warps = _tiles(m, r, x.dtype)
@@ -145,6 +145,7 @@ def backward_input(g: torch.Tensor, w, gb: torch.Tensor | None, A: torch.Tensor 
     if m == 0 or k == 0:
         return gx
     r = gb.shape[1] if lora else 0
+    _check_extent(m, n, k, r)
     gb_, a_ = (gb, A) if lora else (g, g)
     absmax, nested_absmax, nested_code, offset, dq = scale_args(w)
     bm, bn, bk, br, warps = _tiles(m, r, g.dtype)
@@ -200,10 +201,17 @@ def _check_weight_on(w, like: torch.Tensor) -> tuple[int, int]:
     return tuple(w.shape)
 
 
+def _check_extent(m: int, n: int, k: int, r: int) -> None:
+    """Activations are indexed in int32 (the weight switches to int64 when it must)."""
+    if m * max(n, k, r) >= 2**31:
+        raise ValueError(f"a [{m}, {max(n, k, r)}] activation has 2**31 elements or more, beyond the "
+                         "Triton kernel's int32 indexing; split the batch into smaller chunks")
+
+
 def _check_2d(name: str, t: torch.Tensor, cols: int, what: str) -> int:
     if t.dim() != 2 or t.shape[1] != cols:
         raise ValueError(f"{name} must be 2-D [M, {cols}] ({what} of the NF4 weight), got {tuple(t.shape)}")
-    if t.dtype not in _FLOAT_DTYPES:
+    if t.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
     return t.shape[0]
 
@@ -222,6 +230,6 @@ def _check_lora(a_name: str, a: torch.Tensor | None, b_name: str, b: torch.Tenso
         raise ValueError(f"LoRA shapes don't fit: {a_name} must be [{m}, r] and {b_name} {want_b} with the same "
                          f"r >= 1; got {a_name} {tuple(a.shape)}, {b_name} {tuple(b.shape)}")
     for name, t in ((a_name, a), (b_name, b)):
-        if t.dtype not in _FLOAT_DTYPES or t.device != like.device:
+        if t.dtype not in FLOAT_DTYPES or t.device != like.device:
             raise ValueError(f"{name} must be a float tensor on {like.device}, got {t.dtype} on {t.device}")
     return True
