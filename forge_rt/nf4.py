@@ -13,6 +13,7 @@ from functools import lru_cache
 import torch
 
 from forge_rt._native import require_native as _require_native
+from forge_rt.backend import select
 
 QUANT_TYPES = {"nf4": 0, "fp4": 1}
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -197,18 +198,23 @@ def quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = Tru
 def dequantize(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The full-precision weight (shape `w.shape`, dtype `dtype` or the original dtype)."""
     dtype = dtype or w.dtype
+    packed = w.packed.contiguous()
+    which = select(packed, ("reference", "cpu", "triton", "cuda"))
+    if which == "triton":
+        from forge_rt.kernels import nf4_triton
+        return nf4_triton.dequantize(w, dtype)
     n = w.numel
     absmax = w.absmax_fp32().contiguous()
-    packed = w.packed.contiguous()
-    out = torch.empty(n, dtype=torch.float32, device=packed.device)
-    mod = _require_native()
     qt = QUANT_TYPES[w.quant_type]
-    if packed.device.type == "cuda" and hasattr(mod, "nf4_dequantize_cuda"):
+    if which == "cuda":
+        out = torch.empty(n, dtype=torch.float32, device=packed.device)
         stream = torch.cuda.current_stream(packed.device).cuda_stream
-        mod.nf4_dequantize_cuda(packed.data_ptr(), absmax.data_ptr(), n, w.blocksize, qt, out.data_ptr(), stream)
-    elif packed.device.type == "cpu":
-        mod.nf4_dequantize(packed.data_ptr(), absmax.data_ptr(), n, w.blocksize, qt, out.data_ptr())
-    else:  # a device without a native kernel: the same math in torch
+        _require_native().nf4_dequantize_cuda(packed.data_ptr(), absmax.data_ptr(), n, w.blocksize, qt,
+                                              out.data_ptr(), stream)
+    elif which == "cpu" and packed.device.type == "cpu":
+        out = torch.empty(n, dtype=torch.float32)
+        _require_native().nf4_dequantize(packed.data_ptr(), absmax.data_ptr(), n, w.blocksize, qt, out.data_ptr())
+    else:  # the reference: the same math in torch
         codes = torch.stack([packed >> 4, packed & 15], dim=1).view(-1)[:n].long()
         out = w.code()[codes] * absmax.repeat_interleave(w.blocksize)[:n]
     return out.view(w.shape).to(dtype)

@@ -196,3 +196,15 @@ def test_cuda_dequant_matches_cpu():
         got = nf4.dequantize(w.to("cuda"))
         assert got.device.type == "cuda"
         assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("forced", ["reference", "cpu", "triton"])
+def test_dequantize_agrees_across_backends(monkeypatch, forced):
+    # Each backend of nf4.dequantize against bitsandbytes' own dequantization of the same bytes.
+    import bitsandbytes.functional as bnbf
+    w = torch.randn(70, 130)
+    q = nf4.quantize(w, blocksize=64, double_quant=True)
+    packed, state = q.to_bnb()
+    want = bnbf.dequantize_4bit(packed, state)
+    monkeypatch.setenv("FORGE_RT_BACKEND", forced)
+    torch.testing.assert_close(nf4.dequantize(q), want, rtol=0, atol=0)
