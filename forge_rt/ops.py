@@ -79,7 +79,7 @@ class _QLoRALinear(torch.autograd.Function):
             xa = xd.to(lora_A.dtype) @ lora_A.T
         y = kernels.forward(x2, w, xa, lora_B, scaling, bias)
         ctx.w, ctx.scaling, ctx.dropout, ctx.seed, ctx.kernels = w, scaling, dropout, seed, kernels
-        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+        ctx.x_shape, ctx.bias_dtype = x.shape, None if bias is None else bias.dtype
         need_A = lora_A is not None and ctx.needs_input_grad[2]
         need_B = lora_A is not None and ctx.needs_input_grad[3]
         ctx.save_for_backward(x2 if need_A else None, xa if need_B else None, lora_A, lora_B)
@@ -105,8 +105,8 @@ class _QLoRALinear(torch.autograd.Function):
             grad_A = ((s * gb).T @ xd.to(gb.dtype)).to(lora_A.dtype)
         if ctx.needs_input_grad[3]:
             grad_B = (s * (g2.to(xa.dtype).T @ xa)).to(lora_B.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[4]:
-            grad_bias = g2.sum(0)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
+            grad_bias = g2.sum(0).to(ctx.bias_dtype)
         return grad_x, None, grad_A, grad_B, grad_bias, None, None, None
 
 

@@ -118,6 +118,10 @@ def test_dropout_drops():
 def test_leading_batch_dims_and_plain_linear():
     run_case(5, 33, 70, r=0, with_bias=True, lead=(2, 3))
     run_case(1, 33, 70, r=3, with_bias=False, lead=(4,))
+    w, W = make_weight(9, 33)
+    x = torch.randn(33)  # no batch dim at all
+    y = ops.qlora_linear(x, w, None, None, 1.0)
+    assert y.shape == (9,) and rel(y, W @ x.double()) <= 1e-5
 
 
 def test_non_contiguous_inputs_are_handled():
@@ -145,15 +149,16 @@ def test_half_inputs_compute_in_fp32(dtype):
     x = torch.randn(9, 130).to(dtype).requires_grad_()
     A = (torch.randn(4, 130) / 12).to(dtype).requires_grad_()
     B = torch.randn(50, 4).requires_grad_()  # adapters in fp32 over a half base: PEFT's usual mix
-    y = ops.qlora_linear(x, w, A, B, 2.0)
-    y_ref, leaves = oracle(x, W, A.to(torch.float32), B, 2.0, None)
+    bias = torch.randn(50).requires_grad_()
+    y = ops.qlora_linear(x, w, A, B, 2.0, bias)
+    y_ref, leaves = oracle(x, W, A.to(torch.float32), B, 2.0, bias)
     assert y.dtype == dtype
     tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
     assert rel(y, y_ref) <= tol
     gy = torch.randn(y.shape).to(dtype)
-    gx, gA, gB = torch.autograd.grad(y, (x, A, B), gy)
-    assert (gx.dtype, gA.dtype, gB.dtype) == (dtype, dtype, torch.float32)
-    for g, g_ref in zip((gx, gA, gB), torch.autograd.grad(y_ref, leaves, gy.double())):
+    grads = torch.autograd.grad(y, (x, A, B, bias), gy)
+    assert [g.dtype for g in grads] == [dtype, dtype, torch.float32, torch.float32]
+    for g, g_ref in zip(grads, torch.autograd.grad(y_ref, leaves, gy.double())):
         assert rel(g, g_ref) <= tol
 
 
