@@ -18,6 +18,8 @@ namespace forge_paging {
 constexpr uint32_t kBlobMagic = 0x31505246u;  // "FRP1"
 constexpr uint32_t kRawFlag = 0x80000000u;    // ChunkEntry.stored: payload is not LZ4
 constexpr uint32_t kFlagHalf = 1u;            // BlobHeader.flags: fp32 stored as its high 16 bits
+constexpr uint32_t kFlagGpu = 2u;             // payloads are nvCOMP batched raw LZ4 blocks (bit-shuffled
+                                              // inside nvCOMP), not HLIF buffers; raw chunks unshuffled
 
 struct BlobHeader {
   uint32_t magic;
@@ -88,6 +90,17 @@ FORGE_HD inline ChunkDesc describe_chunk(uint32_t i, const ChunkEntry* entries, 
 FORGE_HD inline void copy_lane(uint8_t* blob, const uint8_t* slots, const ChunkDesc& d, uint32_t lane,
                                uint32_t lanes) {
   for (uint64_t k = lane; k < d.len; k += lanes) blob[d.dst + k] = slots[d.src + k];
+}
+
+// crc32 (zlib's polynomial), bitwise: the GPU kernels' checksum; the CPU codec uses zlib and the tests
+// check that both agree.
+FORGE_HD inline uint32_t crc32_update(uint32_t crc, const uint8_t* p, uint64_t n) {
+  crc = ~crc;
+  for (uint64_t k = 0; k < n; ++k) {
+    crc ^= p[k];
+    for (int b = 0; b < 8; ++b) crc = (crc >> 1) ^ (0xEDB88320u & (0u - (crc & 1u)));
+  }
+  return ~crc;
 }
 
 // Validates a blob's header and table against its size; returns 0 or a reason code (see codec.cpp).

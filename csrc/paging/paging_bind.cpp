@@ -12,6 +12,9 @@
 #include "paging/bitshuffle.h"
 #include "paging/codec.h"
 #endif
+#ifdef FORGE_RT_HAS_CUDA
+#include "paging/paging_cuda.h"
+#endif
 namespace py = pybind11;
 using namespace forge_paging;
 
@@ -43,12 +46,14 @@ void register_paging(py::module_& m) {
   p.attr("TABLE_BYTES_PER_CHUNK") = sizeof(ChunkEntry);
   p.attr("HEADER_BYTES") = sizeof(BlobHeader);
   p.def("stored_field", &stored_field, py::arg("comp_len"), py::arg("raw_len"));
+  p.def("crc32_hd", [](uintptr_t src, uint64_t n) { return crc32_update(0, ptr<const uint8_t>(src), n); },
+        py::arg("src"), py::arg("n"), "the GPU kernels' crc32, run on the CPU");
   p.def("compact_reference", &compact_reference, py::arg("slots"), py::arg("stored"), py::arg("slot_bytes"),
         py::arg("blob"), py::arg("lanes"),
         "plan offsets and copy chunk payloads with the CUDA kernel's __host__ __device__ code; -> (offsets, total)");
 #ifdef FORGE_RT_HAS_NVCOMP
   p.attr("available") = true;
-  static py::exception<CodecError> codec_error(p, "CodecError", PyExc_RuntimeError);
+  py::register_exception<CodecError>(p, "CodecError", PyExc_RuntimeError);
   py::class_<Codec>(p, "Codec")
       .def(py::init<int, int, uint32_t>(), py::arg("threads"), py::arg("level"), py::arg("chunk_bytes"))
       .def("compress",
@@ -89,5 +94,26 @@ void register_paging(py::module_& m) {
         py::arg("src"), py::arg("n"), py::call_guard<py::gil_scoped_release>());
 #else
   p.attr("available") = false;
+#endif
+#ifdef FORGE_RT_HAS_CUDA
+  // Device pointers and a cudaStream_t as integers; results arrive in device memory (no host sync).
+  p.attr("cuda") = true;
+  p.def("cuda_compress_scratch_bytes", &cuda_compress_scratch_bytes, py::arg("nbytes"), py::arg("width"),
+        py::arg("chunk_bytes"));
+  p.def("cuda_blob_bound", &cuda_blob_bound, py::arg("nbytes"), py::arg("chunk_bytes"));
+  p.def("cuda_compress",
+        [](uintptr_t src, uint64_t nbytes, uint32_t width, uint32_t chunk_bytes, uintptr_t scratch, size_t scratch_bytes,
+           uintptr_t blob, uintptr_t blob_bytes, uintptr_t stream) {
+          return cuda_compress(ptr<const void>(src), nbytes, width, chunk_bytes, ptr<void>(scratch), scratch_bytes,
+                               ptr<void>(blob), ptr<uint64_t>(blob_bytes), ptr<void>(stream));
+        });
+  p.def("cuda_decompress",
+        [](uintptr_t blob, uint64_t blob_bytes, uint32_t n_chunks, uintptr_t dst, uint64_t nbytes, uint32_t width,
+           uint32_t chunk_bytes, uintptr_t scratch, size_t scratch_bytes, uintptr_t bad, uintptr_t stream) {
+          return cuda_decompress(ptr<const void>(blob), blob_bytes, n_chunks, ptr<void>(dst), nbytes, width, chunk_bytes,
+                                 ptr<void>(scratch), scratch_bytes, ptr<int>(bad), ptr<void>(stream));
+        });
+#else
+  p.attr("cuda") = false;
 #endif
 }

@@ -180,6 +180,7 @@ class Writer(threading.Thread):
                 extent, error = None, exc
             self.seconds += time.perf_counter() - t0
             self.on_done(job, extent, error)
+            del item, job, data_fn  # holding the last record here would keep its graph's blob alive
 
     def stop(self) -> None:
         self.jobs.put(None)
