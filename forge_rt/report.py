@@ -61,7 +61,7 @@ def _fmt(v) -> str:
 
 
 def plot(records: list[dict], run: Path) -> list[str]:
-    """loss.png and memory.png over the training steps; returns the file names written."""
+    """loss.png and memory_steps.png over the training steps; returns the file names written."""
     if not records:
         return []
     import matplotlib
@@ -95,9 +95,19 @@ def plot(records: list[dict], run: Path) -> list[str]:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(run / "memory.png", dpi=110)
+    fig.savefig(run / "memory_steps.png", dpi=110)
     plt.close(fig)
-    return ["loss.png", "memory.png"]
+    return ["loss.png", "memory_steps.png"]
+
+
+def plot_memory_map(run: Path) -> list[str]:
+    """memory.png from the monitor's 10 Hz record (pools over time, phases shaded, peaks annotated)."""
+    record = run / "memory.jsonl"
+    if not record.exists():
+        return []
+    from forge_rt import memmap
+    memmap.render(memmap.load(record), out=run / "memory.png")
+    return ["memory.png"]
 
 
 def render_markdown(m: dict, plots: list[str]) -> str:
@@ -142,4 +152,4 @@ def render_markdown(m: dict, plots: list[str]) -> str:
 
 def write_run_report(run: Path, metrics: dict, records: list[dict]) -> None:
     (run / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-    (run / "report.md").write_text(render_markdown(metrics, plot(records, run)))
+    (run / "report.md").write_text(render_markdown(metrics, plot(records, run) + plot_memory_map(run)))

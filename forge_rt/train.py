@@ -274,9 +274,10 @@ def _mark(monitor, phase: str, step: int | None = None) -> None:
         monitor.mark(phase, step)
 
 
-def _paging_ctx(cfg: TrainConfig, run: Path):
+def _make_pager(cfg: TrainConfig, run: Path):
+    """The activation pager (entered around the training loop only), or None with --no-paging."""
     if cfg.no_paging:
-        return contextlib.nullcontext(None)
+        return None
     import forge_rt
     if cfg.paging_budget is None:
         return forge_rt.paging()
@@ -436,36 +437,35 @@ def run_training(cfg: TrainConfig, run: Path, resume: str | None, guard=None) ->
     do_eval = not cfg.no_eval and evals is not None
     if not cfg.no_eval and evals is None:
         print("eval: skipped, no --eval-data given for this dataset", flush=True)
-    t_eval = 0.0
-    if do_eval and not eval_base_path.exists():
-        t0 = time.time()
-        print("eval: base model ...", flush=True)
-        base_res = _evaluate(model, tok, evals, retention, cfg)
-        t_eval += time.time() - t0
-        eval_base_path.write_text(json.dumps(_jsonable(base_res, t_eval)))
-
-    with _Stop() as stop, _paging_ctx(cfg, run) as pager:
-        monitor = _start_monitor(run, pager)
-        try:
+    pager = _make_pager(cfg, run)
+    monitor = _start_monitor(run, pager)
+    t_eval, tuned_res = 0.0, None
+    try:
+        if do_eval and not eval_base_path.exists():
+            t0 = time.time()
+            print("eval: base model ...", flush=True)
+            _mark(monitor, "eval")
+            base_res = _evaluate(model, tok, evals, retention, cfg)
+            t_eval += time.time() - t0
+            eval_base_path.write_text(json.dumps(_jsonable(base_res, t_eval)))
+        with _Stop() as stop, (pager or contextlib.nullcontext()):
             res = train_loop(model, tok, tok_data, cfg, run, resume_state, monitor, pager, stop)
-        finally:
-            if monitor is not None:
-                monitor.stop()
         paging_stats = _pager_stats(pager)
-    if res["interrupted"] is not None:
-        print(f"interrupted at step {res['steps']}/{res['total_steps']}; checkpoint written. "
-              f"Continue with: python -m forge_rt.train --resume {run}", flush=True)
-        return 128 + int(res["interrupted"])
-
-    model.save_pretrained(run / "adapter")
-    tok.save_pretrained(run / "tokenizer")
-
-    tuned_res = None
-    if do_eval:
-        t0 = time.time()
-        print("eval: tuned model ...", flush=True)
-        tuned_res = _evaluate(model, tok, evals, retention, cfg)
-        t_eval += time.time() - t0
+        if res["interrupted"] is not None:
+            print(f"interrupted at step {res['steps']}/{res['total_steps']}; checkpoint written. "
+                  f"Continue with: python -m forge_rt.train --resume {run}", flush=True)
+            return 128 + int(res["interrupted"])
+        model.save_pretrained(run / "adapter")
+        tok.save_pretrained(run / "tokenizer")
+        if do_eval:
+            t0 = time.time()
+            print("eval: tuned model ...", flush=True)
+            _mark(monitor, "eval")
+            tuned_res = _evaluate(model, tok, evals, retention, cfg)
+            t_eval += time.time() - t0
+    finally:
+        if monitor is not None:
+            monitor.stop()
     base_res = json.loads(eval_base_path.read_text()) if eval_base_path.exists() else None
 
     metrics = report.build_metrics(cfg, res, base_res, _jsonable(tuned_res, None) if tuned_res else None,

@@ -50,7 +50,7 @@ def test_default_path_writes_complete_run_dir_offline(tiny, tmp_path, monkeypatc
     args = tiny_args(model_dir, data, run, "--max-len", "56", "--eval-data", str(evals), "--max-new-tokens", "4")
     args.remove("--no-eval")
     assert train.main(args) == 0
-    for name in ("config.json", "metrics.jsonl", "metrics.json", "report.md", "loss.png", "memory.png",
+    for name in ("config.json", "metrics.jsonl", "metrics.json", "report.md", "loss.png", "memory.png", "memory_steps.png",
                  "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "tokenizer/tokenizer.json"):
         assert (run / name).is_file(), name
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000006"]
