@@ -26,7 +26,7 @@ from functools import lru_cache
 SHAPES = ((2048, 2048), (5632, 2048), (2048, 5632))
 MS = (1, 16, 1024)
 RANK, SCALING = 16, 2.0
-ROUNDS = {1: 20, 16: 10, 1024: 3}
+ROUNDS = {1: 50, 16: 20, 1024: 3}
 THREADS = int(os.environ.get("FORGE_BENCH_THREADS", "2"))
 
 if __name__ != "__main__":

@@ -100,6 +100,12 @@ def test_matches_oracle(i, case):
     run_case(M, N, K, r=RANKS[i % len(RANKS)], with_bias=bool(i % 2))
 
 
+@pytest.mark.parametrize("M,N,K", [(1, 1024, 2080), (3, 700, 1500), (40, 300, 500)])
+def test_big_enough_to_split_across_threads(M, N, K):
+    # Small problems run on one thread (a fork/join would cost more); these take the threaded paths.
+    run_case(M, N, K, r=16, with_bias=True)
+
+
 @pytest.mark.parametrize("M", [2, 40])
 def test_dropout_uses_the_same_mask_in_backward(M):
     run_case(M, 65, 300, r=8, with_bias=True, dropout=0.3)

@@ -23,7 +23,14 @@ constexpr double SCRATCH_FRACTION = 0.10;  // scratch cap, as a fraction of the 
 constexpr int64_t GEMV_MAX_M = 4;  // below this many rows a 6-row micro-kernel wastes most lanes
 constexpr int64_t CHUNK = 512;    // gx columns per GEMV-backward task (M rows of it stay in L1)
 
+constexpr int64_t WORK_PER_THREAD = int64_t(1) << 20;  // ~0.1 ms: below this a fork/join costs more
+
 std::atomic<int64_t> g_transient{0};
+
+// Threads worth waking for `work` (weight elements decoded + multiply-adds), at most n_threads.
+int threads_for(int64_t work, int n_threads) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, work / WORK_PER_THREAD)));
+}
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
@@ -397,6 +404,7 @@ void gemv_backward(const float* g, int64_t M, const NF4View& w, const float* gb,
 void forward(const float* x, int64_t M, const NF4View& w, const float* xa, const float* B, int64_t r,
              float s, const float* bias, float* y, int n_threads) {
   if (!xa || !B) r = 0;
+  n_threads = threads_for(w.rows * w.cols * std::max<int64_t>(M, 1), n_threads);
   switch (M) {  // small M: one register accumulator per input row
     case 0: return;
     case 1: return gemv_forward<1>(x, w, xa, B, r, s, bias, y, n_threads);
@@ -412,6 +420,7 @@ void forward(const float* x, int64_t M, const NF4View& w, const float* xa, const
 void backward_input(const float* g, int64_t M, const NF4View& w, const float* gb, const float* A,
                     int64_t r, float s, float* gx, int n_threads) {
   if (!gb || !A) r = 0;
+  n_threads = threads_for(w.rows * w.cols * std::max<int64_t>(M, 1), n_threads);
   if (M <= GEMV_MAX_M) return gemv_backward(g, M, w, gb, A, r, s, gx, n_threads);
   gemm(Gemm{M, w.cols, w.rows, g, &w, false, gb, A, r, s, nullptr, gx}, n_threads);
 }
