@@ -281,7 +281,9 @@ def _make_pager(cfg: TrainConfig, run: Path):
     import forge_rt
     if cfg.paging_budget is None:
         return forge_rt.paging()
-    return forge_rt.paging(budget_bytes=parse_bytes(cfg.paging_budget), spill_dir=str(run / "spill"))
+    spill = run / "spill"
+    spill.mkdir(exist_ok=True)
+    return forge_rt.paging(budget_bytes=parse_bytes(cfg.paging_budget), spill_dir=str(spill))
 
 
 def _pager_stats(pager) -> dict | None:
@@ -440,32 +442,34 @@ def run_training(cfg: TrainConfig, run: Path, resume: str | None, guard=None) ->
     pager = _make_pager(cfg, run)
     monitor = _start_monitor(run, pager)
     t_eval, tuned_res = 0.0, None
-    try:
-        if do_eval and not eval_base_path.exists():
-            t0 = time.time()
-            print("eval: base model ...", flush=True)
-            _mark(monitor, "eval")
-            base_res = _evaluate(model, tok, evals, retention, cfg)
-            t_eval += time.time() - t0
-            eval_base_path.write_text(json.dumps(_jsonable(base_res, t_eval)))
-        with _Stop() as stop, (pager or contextlib.nullcontext()):
-            res = train_loop(model, tok, tok_data, cfg, run, resume_state, monitor, pager, stop)
-        paging_stats = _pager_stats(pager)
-        if res["interrupted"] is not None:
-            print(f"interrupted at step {res['steps']}/{res['total_steps']}; checkpoint written. "
-                  f"Continue with: python -m forge_rt.train --resume {run}", flush=True)
-            return 128 + int(res["interrupted"])
-        model.save_pretrained(run / "adapter")
-        tok.save_pretrained(run / "tokenizer")
-        if do_eval:
-            t0 = time.time()
-            print("eval: tuned model ...", flush=True)
-            _mark(monitor, "eval")
-            tuned_res = _evaluate(model, tok, evals, retention, cfg)
-            t_eval += time.time() - t0
-    finally:
-        if monitor is not None:
-            monitor.stop()
+    # From here on SIGINT/SIGTERM end the run cleanly: after the current eval or training step.
+    with _Stop() as stop:
+        try:
+            if do_eval and not eval_base_path.exists():
+                t0 = time.time()
+                print("eval: base model ...", flush=True)
+                _mark(monitor, "eval")
+                base_res = _evaluate(model, tok, evals, retention, cfg)
+                t_eval += time.time() - t0
+                eval_base_path.write_text(json.dumps(_jsonable(base_res, t_eval)))
+            with pager or contextlib.nullcontext():
+                res = train_loop(model, tok, tok_data, cfg, run, resume_state, monitor, pager, stop)
+            paging_stats = _pager_stats(pager)
+            if res["interrupted"] is not None:
+                print(f"interrupted at step {res['steps']}/{res['total_steps']}; checkpoint written. "
+                      f"Continue with: python -m forge_rt.train --resume {run}", flush=True)
+                return 128 + int(res["interrupted"])
+            model.save_pretrained(run / "adapter")
+            tok.save_pretrained(run / "tokenizer")
+            if do_eval:
+                t0 = time.time()
+                print("eval: tuned model ...", flush=True)
+                _mark(monitor, "eval")
+                tuned_res = _evaluate(model, tok, evals, retention, cfg)
+                t_eval += time.time() - t0
+        finally:
+            if monitor is not None:
+                monitor.stop()
     base_res = json.loads(eval_base_path.read_text()) if eval_base_path.exists() else None
 
     metrics = report.build_metrics(cfg, res, base_res, _jsonable(tuned_res, None) if tuned_res else None,
@@ -512,6 +516,7 @@ def _jsonable(res: dict, seconds: float | None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from forge_rt.data import DataError
     from forge_rt.model_load import ModelLoadError, check_model_path
+    from forge_rt.pager import PagingError
     from forge_rt.scrub import ScrubError
     try:
         cfg, resume = resolve(argv)
@@ -520,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
         with offline_guard() as guard:
             run = prepare_run_dir(cfg, resume)
             return run_training(cfg, run, resume, guard)
-    except (ConfigError, RunError, ModelLoadError, ckpt.CheckpointError, DataError, ScrubError) as exc:
+    except (ConfigError, RunError, ModelLoadError, ckpt.CheckpointError, DataError, ScrubError,
+            PagingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -47,7 +47,8 @@ def test_default_path_writes_complete_run_dir_offline(tiny, tmp_path, monkeypatc
     attempts = _block_outbound(monkeypatch)
     evals = write_jsonl(tmp_path / "eval.jsonl", tiny_rows(4))
     run = tmp_path / "run"
-    args = tiny_args(model_dir, data, run, "--max-len", "56", "--eval-data", str(evals), "--max-new-tokens", "4")
+    args = tiny_args(model_dir, data, run, "--max-len", "56", "--eval-data", str(evals), "--max-new-tokens", "4",
+                     "--paging-budget", "1M")  # a small budget sends paged activations to the disk tier
     args.remove("--no-eval")
     assert train.main(args) == 0
     for name in ("config.json", "metrics.jsonl", "metrics.json", "report.md", "loss.png", "memory.png", "memory_steps.png",
@@ -57,7 +58,7 @@ def test_default_path_writes_complete_run_dir_offline(tiny, tmp_path, monkeypatc
     recs = _records(run)
     assert [r["step"] for r in recs] == list(range(1, 7))
     assert all(r["tokens_per_s"] > 0 and r["rss_bytes"] > 0 and r["lr"] >= 0 for r in recs)
-    assert recs[0]["paging"] is not None  # paging is on by default
+    assert recs[0]["paging"]["bytes_raw"] > 0 and sum(r["paging"]["bytes_spilled"] for r in recs) > 0
     m = json.loads((run / "metrics.json").read_text())
     for key in ("score_base", "score_tuned", "ppl_retention_base", "ppl_retention_tuned"):
         assert isinstance(m[key], float | int), key
@@ -118,7 +119,8 @@ def test_seal_shred_and_scrub(tiny, tmp_path, monkeypatch, capsys):
     data = write_jsonl(tmp_path / "private.jsonl", rows)
     run = tmp_path / "run"
     monkeypatch.setenv("FORGE_RT_PASSPHRASE", "correct horse battery staple")
-    assert train.main(tiny_args(model_dir, data, run, "--max-steps", "2", "--seal", "--shred-data")) == 0
+    assert train.main(tiny_args(model_dir, data, run, "--max-steps", "2", "--seal", "--shred-data",
+                                 "--pack", "--grad-checkpointing")) == 0
     m = json.loads((run / "metrics.json").read_text())
     assert m["scrub"]["counts"] == {"EMAIL": 1} and m["scrub"]["rows_touched"] == 1
     assert "example.com" not in (run / "metrics.json").read_text()
