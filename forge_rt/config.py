@@ -8,7 +8,6 @@ import argparse
 import dataclasses
 import json
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,6 +145,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     try:
         text = p.read_text()
         if p.suffix == ".toml":
+            import tomllib  # stdlib from Python 3.11; YAML works everywhere
             raw = tomllib.loads(text)
         elif p.suffix == ".json":
             raw = json.loads(text)

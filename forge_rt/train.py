@@ -10,6 +10,7 @@ import getpass
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -38,7 +39,6 @@ def prepare_run_dir(cfg: TrainConfig, resume: str | None) -> Path:
     if run.exists() and any(run.iterdir()):
         if not cfg.overwrite:
             raise RunError(f"output directory {run} exists; pass --overwrite to replace it or --resume {run} to continue it")
-        import shutil
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
     return run
