@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+
+#include "nf4/nf4_hd.h"
 #ifdef FORGE_RT_AVX2
 #include <immintrin.h>
 #endif
@@ -19,9 +21,7 @@ struct NF4View {
 };
 
 inline float nf4_at(const NF4View& w, int64_t i) {
-  const uint8_t b = w.packed[i >> 1];
-  const int nib = (i & 1) ? (b & 0x0F) : (b >> 4);
-  return w.code[nib] * w.absmax[i / w.blocksize];
+  return w.code[forge_nf4::unpack(w.packed, i)] * w.absmax[i / w.blocksize];
 }
 
 #ifdef FORGE_RT_AVX2
