@@ -189,3 +189,10 @@ def test_corrupt_chunk_and_truncated_blob_are_detected():
         codec.decode(enc.blob[:-5], out, enc.half, "layer3.act")
     with pytest.raises(PagingError, match="not a forge_rt blob"):
         codec.decode(torch.zeros(64, dtype=torch.uint8), out, enc.half, "layer3.act")
+
+
+def test_gpu_crc32_matches_zlib():
+    import zlib
+    for n in (0, 1, 7, 4096, 65536 + 3):
+        b = torch.randint(0, 256, (n,), dtype=torch.uint8)
+        assert P.crc32_hd(b.data_ptr(), n) == zlib.crc32(b.numpy().tobytes())

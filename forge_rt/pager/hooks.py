@@ -130,6 +130,14 @@ class Pager:
         self.steps.append(rec)
         return rec
 
+    def flush(self) -> None:
+        """Waits until every queued spill write has landed (or failed: then raises)."""
+        with self._lock:
+            while self._queued_bytes > 0 and self._error is None:
+                self._drained.wait(timeout=1.0)
+            if self._error is not None:
+                raise self._error
+
     # -- hooks ----------------------------------------------------------------------------------
     def _keep(self, t: torch.Tensor) -> bool:
         return (type(t) not in (torch.Tensor, torch.nn.Parameter) or t.layout != torch.strided

@@ -72,16 +72,17 @@ class SpillFile:
         directory = os.fspath(directory)
         if not os.path.isdir(directory):
             raise PagingError(f"spill_dir {directory!r} does not exist; create it or pass another directory")
-        free = shutil.disk_usage(directory).free
-        if free < reserve_bytes:
-            raise PagingError(f"spill_dir {directory!r} has {free / 2**20:.0f} MiB free but spill_reserve is "
-                              f"{reserve_bytes / 2**20:.0f} MiB; free space there or lower spill_reserve")
         try:
             self.fd, self.path = tempfile.mkstemp(prefix="forge_rt-spill-", suffix=".bin", dir=directory)
         except OSError as exc:
             raise PagingError(f"spill_dir {directory!r} is not writable ({exc.strerror}); fix its permissions "
                               "or pass another directory") from None
         os.unlink(self.path)
+        free = shutil.disk_usage(directory).free
+        if free < reserve_bytes:
+            os.close(self.fd)
+            raise PagingError(f"spill_dir {directory!r} has {free / 2**20:.0f} MiB free but spill_reserve is "
+                              f"{reserve_bytes / 2**20:.0f} MiB; free space there or lower spill_reserve")
         self.directory = directory
         self._extents = _Extents(0)
         self._lock = threading.Lock()
