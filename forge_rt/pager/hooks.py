@@ -257,6 +257,8 @@ class Pager:
 
     def _drain(self) -> None:
         """Settles records the graph has freed since the last call (their __del__ only queues them)."""
+        if not self._dead:
+            return
         while self._dead:
             key, extent, resident = self._dead.popleft()
             self._resident.pop(key, None)
