@@ -122,13 +122,16 @@ uint64_t Codec::compress(const uint8_t* src, uint64_t nbytes, uint32_t width, bo
   return blob_bytes_;
 }
 
-void Codec::take(uint8_t* dst) const {
+void Codec::take(uint8_t* dst) {
   std::memcpy(dst, &header_, sizeof(header_));
   std::memcpy(dst + sizeof(header_), entries_.data(), entries_.size() * sizeof(ChunkEntry));
   pool_->run(int64_t(entries_.size()), [&](int64_t i) {
     const ChunkDesc d = describe_chunk(uint32_t(i), entries_.data(), offsets_.data(), slot_bytes_);
     std::memcpy(dst + d.dst, slots_.data() + d.src, d.len);
   });
+  // Keep a small scratch for the many small tensors; a big one (logits) would otherwise stay
+  // resident for the whole run beside the pool it was meant to shrink.
+  if (slots_.size() > kKeepScratchBytes) std::vector<uint8_t>().swap(slots_);
 }
 
 void Codec::decompress(const uint8_t* blob, uint64_t blob_bytes, uint8_t* dst, uint64_t nbytes, uint32_t width,

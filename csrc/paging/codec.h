@@ -18,17 +18,18 @@ struct CodecError : std::runtime_error {
 
 class Codec {
  public:
+  static constexpr uint64_t kKeepScratchBytes = 16ull << 20;
   Codec(int threads, int level, uint32_t chunk_bytes);
   // Compresses nbytes at src (elements of `width` bytes; `half`: fp32 whose low 16 bits are all
   // zero, stored as the high halves). Returns the blob size, kept in the scratch until take(),
   // or 0 when the probe chunk shrinks by less than min_ratio (the caller keeps the tensor as is).
   uint64_t compress(const uint8_t* src, uint64_t nbytes, uint32_t width, bool half, double min_ratio);
-  void take(uint8_t* dst) const;
+  void take(uint8_t* dst);
   // Restores nbytes into dst; throws CodecError naming the chunk on any mismatch.
   void decompress(const uint8_t* blob, uint64_t blob_bytes, uint8_t* dst, uint64_t nbytes, uint32_t width,
                   bool half) const;
   uint64_t slot_bytes() const { return slot_bytes_; }
-  // The raw scratch slots of the last compress() (for testing the compaction against them).
+  // The raw scratch slots of the last compress() (kept for tensors under kKeepScratchBytes; for tests).
   const std::vector<uint8_t>& slots() const { return slots_; }
   const std::vector<ChunkEntry>& entries() const { return entries_; }
 

@@ -62,7 +62,7 @@ void register_paging(py::module_& m) {
            },
            py::arg("src"), py::arg("nbytes"), py::arg("width"), py::arg("half"), py::arg("min_ratio"),
            py::call_guard<py::gil_scoped_release>())
-      .def("take", [](const Codec& c, uintptr_t dst) { c.take(ptr<uint8_t>(dst)); },
+      .def("take", [](Codec& c, uintptr_t dst) { c.take(ptr<uint8_t>(dst)); },
            py::call_guard<py::gil_scoped_release>())
       .def("decompress",
            [](const Codec& c, uintptr_t blob, uint64_t blob_bytes, uintptr_t dst, uint64_t nbytes, uint32_t width,
