@@ -187,11 +187,12 @@ def total_steps(cfg: TrainConfig, n_examples: int) -> int:
 
 
 class _Stop:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the current step and exits.
-    A second signal interrupts at once."""
+    """While `deferring` (the training loop), SIGINT/SIGTERM set a flag: the loop checkpoints at the end
+    of the current step and exits. Otherwise (evaluation), or on a second signal, they interrupt at once."""
 
     def __init__(self):
         self.signum = None
+        self.deferring = False
         self._old = {}
 
     def __enter__(self):
@@ -200,7 +201,7 @@ class _Stop:
         return self
 
     def _handle(self, signum, frame):
-        if self.signum is not None:
+        if self.signum is not None or not self.deferring:
             raise KeyboardInterrupt
         self.signum = signum
         print(f"\n{signal.Signals(signum).name}: finishing this step, writing a checkpoint, then exiting "
@@ -340,6 +341,7 @@ def train_loop(model, tok, tok_data, cfg: TrainConfig, run: Path, resume_state: 
                              opt.state_dict(), sched.state_dict(), order.state())
 
     model.train()
+    stop.deferring = True
     progress = _Progress(n_total, step, not cfg.no_live, cfg.log_every, monitor)
     t_start, step_times, tps_all = time.time(), [], []
     _reset_peak_rss()
@@ -379,6 +381,7 @@ def train_loop(model, tok, tok_data, cfg: TrainConfig, run: Path, resume_state: 
                     save(step)
         save(step)
     finally:
+        stop.deferring = False
         progress.close()
     return {"steps": step, "total_steps": n_total, "interrupted": stop.signum,
             "train_time_s": time.time() - t_start, "step_times": step_times,
@@ -442,7 +445,7 @@ def run_training(cfg: TrainConfig, run: Path, resume: str | None, guard=None) ->
     pager = _make_pager(cfg, run)
     monitor = _start_monitor(run, pager)
     t_eval, tuned_res = 0.0, None
-    # From here on SIGINT/SIGTERM end the run cleanly: after the current eval or training step.
+    # From here on SIGINT/SIGTERM end the run cleanly: at once during eval, at a step end in training.
     with _Stop() as stop:
         try:
             if do_eval and not eval_base_path.exists():
@@ -518,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     from forge_rt.model_load import ModelLoadError, check_model_path
     from forge_rt.pager import PagingError
     from forge_rt.scrub import ScrubError
+    run = None
     try:
         cfg, resume = resolve(argv)
         if cfg.model is not None:
@@ -525,6 +529,11 @@ def main(argv: list[str] | None = None) -> int:
         with offline_guard() as guard:
             run = prepare_run_dir(cfg, resume)
             return run_training(cfg, run, resume, guard)
+    except KeyboardInterrupt:
+        resumable = run is not None and ckpt.latest_checkpoint(run / "checkpoints") is not None
+        hint = f"; continue with --resume {run}" if resumable else ""
+        print(f"\ninterrupted{hint}", file=sys.stderr)
+        return 130
     except (ConfigError, RunError, ModelLoadError, ckpt.CheckpointError, DataError, ScrubError,
             PagingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
