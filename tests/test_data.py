@@ -1,3 +1,4 @@
+import copy
 import importlib.util
 import json
 import subprocess
@@ -268,6 +269,10 @@ def test_collate_packed_padding():
 
 def test_tokenize_empty_and_bad_max_len(smollm2, tmp_path):
     _, tok = smollm2
+    no_template = copy.copy(tok)
+    no_template.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        tokenize_examples(_examples(tmp_path, [ALPACA]), no_template, 128)
     with pytest.raises(DataError, match="no examples"):
         tokenize_examples([], tok, 128)
     with pytest.raises(ValueError, match="max_len"):
