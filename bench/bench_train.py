@@ -41,13 +41,16 @@ def main() -> None:
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_train.json"))
     p.add_argument("extra", nargs="*", help="more train flags for both runs (after --)")
     args = p.parse_args()
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         res = {name: run_one(name, flags, args, Path(tmp)) for name, flags in CONFIGS.items()}
     d, b = res["default"], res["baseline"]
     res["step_time_ratio_default_over_baseline"] = d["step_time_s"] / b["step_time_s"]
     res["peak_rss_ratio_default_over_baseline"] = d["peak_rss_bytes"] / b["peak_rss_bytes"]
     res["settings"] = {"steps": args.steps, "batch_size": args.batch_size, "extra": args.extra,
-                       "cpus": os.cpu_count()}
+                       "cpus": os.cpu_count(),
+                       # Other work on the machine skews wall times: record the 1-min load around the run.
+                       "loadavg_1min_before_after": [load_before[0], os.getloadavg()[0]]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     print(f"{'':10s} {'step s':>8s} {'tok/s':>8s} {'peak RSS GiB':>13s}")
