@@ -6,7 +6,8 @@ import importlib
 __version__ = "0.1.0"
 
 # Submodules and functions are imported on first use so `import forge_rt` stays light.
-_SUBMODULES = ("nf4", "ops", "pager", "monitor", "scrub", "seal", "sovereign", "shred", "backend", "model_load")
+_SUBMODULES = ("nf4", "ops", "pager", "monitor", "scrub", "seal", "sovereign", "shred", "data", "evaluate",
+               "train", "generate", "backend", "model_load")
 _FUNCTIONS = {
     "quantize_model": "forge_rt.swap",
     "accelerate": "forge_rt.swap",

@@ -354,7 +354,7 @@ def train_loop(model, tok, tok_data, cfg: TrainConfig, run: Path, resume_state: 
                     batch, n = _batch(tok_data, order.next())
                     n_tok += n
                     _mark(monitor, "forward", step + 1)
-                    out = model(**batch)
+                    out = model(**batch, use_cache=False)  # with a cache, packed rows would attend across examples
                     _mark(monitor, "backward", step + 1)
                     (out.loss / cfg.grad_accum).backward()
                     losses.append(out.loss.item())
