@@ -35,8 +35,9 @@ def triton_status() -> tuple[bool, str]:
     return True, "Triton on " + torch.cuda.get_device_name()
 
 
+@lru_cache(maxsize=None)
 def status() -> dict[str, tuple[bool, str]]:
-    """Each backend: (live, why)."""
+    """Each backend: (live, why). Fixed for the process: it is asked on every op call."""
     mod = native()
     info = mod.build_info() if mod is not None else {}
     cpu = (mod is not None, "C++ extension loaded" if mod is not None else f"no extension: {native_error()}")
