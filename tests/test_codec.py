@@ -152,6 +152,22 @@ def test_raw_chunks_when_lz4_does_not_shrink():
     assert [raw for raw, _, _ in payloads] == [False, True, True]
 
 
+def test_many_groups_mix_raw_and_lz4_chunks():
+    """74 chunks span several batched nvCOMP calls; every third chunk is noise and must come back raw."""
+    t = make("sparse", torch.float32, 74 * CHUNK // 4 + 5)
+    g = torch.Generator().manual_seed(3)
+    for k in range(0, 74, 3):
+        t[k * CHUNK // 4:(k + 1) * CHUNK // 4] = torch.randint(-2**31, 2**31 - 1, (CHUNK // 4,), generator=g,
+                                                               dtype=torch.int32).view(torch.float32)
+    codec = TensorCodec(min_ratio=0.0)
+    enc = codec.encode(t)
+    _, _, _, _, payloads = parse_blob(enc.blob.numpy().tobytes())
+    assert [raw for raw, _, _ in payloads] == [k % 3 == 0 or k == 74 for k in range(75)]  # 74: 20 bytes, too short
+    out = torch.empty_like(t)
+    codec.decode(enc.blob, out, enc.half, "t")
+    assert torch.equal(bits(out), bits(t))
+
+
 def test_compaction_logic_of_the_cuda_path_on_cpu():
     """The __host__ __device__ offset/descriptor/copy code gives the same blob as the CPU codec."""
     t = make("sparse", torch.float32, 5 * CHUNK // 4 + 123)

@@ -16,12 +16,14 @@
 namespace forge_paging {
 namespace {
 
-// One nvCOMP manager and three chunk buffers per OpenMP thread (managers are not shared).
+constexpr uint32_t kGroupChunks = 32;
+
+// One nvCOMP manager per codec thread (managers are not shared) and buffers for one group of chunks.
 struct ThreadState {
   int level = -1;
   uint32_t chunk_bytes = 0;
   std::unique_ptr<nvcomp::LZ4CPUManager> mgr;
-  std::vector<uint8_t> logical, shuffled, tmp;
+  std::vector<uint8_t> logical, shuffled, tmp;  // shuffled holds kGroupChunks chunks
 
   nvcomp::LZ4CPUManager& get(uint32_t cb, int lvl) {
     if (!mgr || cb != chunk_bytes || lvl != level) {
@@ -29,7 +31,7 @@ struct ThreadState {
       chunk_bytes = cb;
       level = lvl;
       logical.resize(cb);
-      shuffled.resize(cb);
+      shuffled.resize(uint64_t(cb) * kGroupChunks);
       tmp.resize(cb);
     }
     return *mgr;
@@ -42,6 +44,18 @@ ThreadState& state() {
 }
 
 uint32_t crc(const uint8_t* p, uint32_t n) { return uint32_t(crc32(0L, p, n)); }
+
+// Chunks per nvCOMP call: each manager call costs tens of microseconds (more than LZ4 on a 64 KiB chunk),
+// so one batched call per group amortizes it; groups also spread a tensor over the pool's threads.
+uint32_t group_size(uint32_t n_chunks, int threads) {
+  const uint32_t even = (n_chunks + uint32_t(threads) - 1) / uint32_t(threads);
+  return std::max(1u, std::min(kGroupChunks, even));
+}
+
+void check_status(const nvcompStatus_t* st, const char* what) {
+  if (*st != nvcompSuccess) throw CodecError(std::string("nvCOMP LZ4 ") + what + " failed (status " +
+                                             std::to_string(int(*st)) + ")");
+}
 
 // Logical chunk at logical offset off: the tensor bytes, or the high 16 bits of each fp32 when half.
 const uint8_t* gather(const uint8_t* src, uint64_t off, uint32_t len, bool half, uint8_t* buf) {
@@ -78,28 +92,48 @@ uint64_t Codec::compress(const uint8_t* src, uint64_t nbytes, uint32_t width, bo
   std::atomic<int> failed{-1};
   std::string why;
 
-  auto one = [&](uint32_t i) {
-    ThreadState& ts = state();
-    nvcomp::LZ4CPUManager& mgr = ts.get(chunk_bytes_, level_);
-    const uint32_t len = chunk_len(i, logical, chunk_bytes_);
-    const uint64_t off = uint64_t(i) * chunk_bytes_;
-    const uint8_t* in = gather(src, off, len, half, ts.logical.data());
-    bitshuffle(in, ts.shuffled.data(), ts.tmp.data(), len / w, w);
-    uint8_t* slot = slots_.data() + uint64_t(i) * slot_bytes_;
-    auto cfg = mgr.configure_compression(len);
-    mgr.compress(ts.shuffled.data(), slot, cfg);
-    const uint64_t comp = mgr.get_compressed_output_size(slot);
-    entries_[i].stored = stored_field(comp, len);
-    if (entries_[i].stored & kRawFlag) std::memcpy(slot, ts.shuffled.data(), len);
-    entries_[i].crc = crc(slot, payload_len(entries_[i].stored));
-  };
-  auto guarded = [&](uint32_t i) {
+  // Chunks [first, first + count) except `skip`: bit-shuffle each, one nvCOMP call for all, then
+  // store raw what did not shrink and checksum the payloads.
+  auto group = [&](uint32_t first, uint32_t count, uint32_t skip) {
+    uint32_t at = first;
     try {
-      one(i);
+      ThreadState& ts = state();
+      nvcomp::LZ4CPUManager& mgr = ts.get(chunk_bytes_, level_);
+      std::vector<uint32_t> idx;
+      std::vector<size_t> lens;
+      std::vector<const uint8_t*> ins;
+      std::vector<uint8_t*> outs;
+      for (uint32_t i = first; i < first + count; ++i) {
+        if (i == skip) continue;
+        at = i;
+        const uint32_t len = chunk_len(i, logical, chunk_bytes_);
+        uint8_t* shuffled = ts.shuffled.data() + uint64_t(idx.size()) * chunk_bytes_;
+        const uint8_t* in = gather(src, uint64_t(i) * chunk_bytes_, len, half, ts.logical.data());
+        bitshuffle(in, shuffled, ts.tmp.data(), len / w, w);
+        idx.push_back(i);
+        lens.push_back(len);
+        ins.push_back(shuffled);
+        outs.push_back(slots_.data() + uint64_t(i) * slot_bytes_);
+      }
+      if (idx.empty()) return;
+      at = idx.front();
+      const std::vector<nvcomp::CompressionConfig> cfgs = mgr.configure_compression(lens);
+      mgr.compress(ins.data(), outs.data(), cfgs);
+      for (size_t k = 0; k < idx.size(); ++k) {
+        at = idx[k];
+        check_status(cfgs[k].get_status(), "compress");
+        ChunkEntry& e = entries_[idx[k]];
+        e.stored = stored_field(mgr.get_compressed_output_size(outs[k]), uint32_t(lens[k]));
+        if (e.stored & kRawFlag) std::memcpy(outs[k], ins[k], lens[k]);
+        e.crc = crc(outs[k], payload_len(e.stored));
+      }
     } catch (const std::exception& e) {
       int expect = -1;
-      if (failed.compare_exchange_strong(expect, int(i))) why = e.what();
+      if (failed.compare_exchange_strong(expect, int(at))) why = e.what();
     }
+  };
+  auto fail = [&] {
+    throw CodecError("nvCOMP LZ4 compress failed on chunk " + std::to_string(failed.load()) + ": " + why);
   };
 
   if (n == 0) {
@@ -108,16 +142,17 @@ uint64_t Codec::compress(const uint8_t* src, uint64_t nbytes, uint32_t width, bo
   }
   // Probe the middle chunk: tensors that do not compress cost one chunk of codec time, not all.
   const uint32_t probe = n / 2;
-  guarded(probe);
-  if (failed.load() >= 0) throw CodecError("nvCOMP LZ4 compress failed on chunk " + std::to_string(probe) + ": " + why);
+  group(probe, 1, n);
+  if (failed.load() >= 0) fail();
   const double ratio = double(chunk_len(probe, logical, chunk_bytes_)) / payload_len(entries_[probe].stored);
   if (ratio < min_ratio) return 0;
 
-  pool_->run(n, [&](int64_t i) {
-    if (uint32_t(i) != probe) guarded(uint32_t(i));
+  const uint32_t g = group_size(n, pool_->threads());
+  pool_->run((n + g - 1) / g, [&](int64_t k) {
+    const uint32_t first = uint32_t(k) * g;
+    group(first, std::min(g, n - first), probe);
   });
-  if (failed.load() >= 0)
-    throw CodecError("nvCOMP LZ4 compress failed on chunk " + std::to_string(failed.load()) + ": " + why);
+  if (failed.load() >= 0) fail();
   blob_bytes_ = plan_offsets(entries_.data(), n, offsets_.data());
   return blob_bytes_;
 }
@@ -150,34 +185,63 @@ void Codec::decompress(const uint8_t* blob, uint64_t blob_bytes, uint8_t* dst, u
   if (!entries.empty()) std::memcpy(entries.data(), blob + sizeof(BlobHeader), entries.size() * sizeof(ChunkEntry));
   const int bad = check_table(h, entries.data(), blob_bytes, logical);
   if (bad) throw CodecError(std::string("corrupt blob: ") + reasons[bad]);
-  if (h.width != w || ((h.flags & kFlagHalf) != 0) != half) throw CodecError(std::string("corrupt blob: ") + reasons[2]);
+  if (h.width != w || h.chunk_bytes != chunk_bytes_ || ((h.flags & kFlagHalf) != 0) != half)
+    throw CodecError(std::string("corrupt blob: ") + reasons[2]);
   std::vector<uint64_t> offsets(h.n_chunks);
   plan_offsets(entries.data(), h.n_chunks, offsets.data());
 
+  // Per group: verify every payload's crc, one nvCOMP call for the LZ4 chunks, then un-shuffle into dst.
   std::atomic<int> failed{-1};
   std::string why;
-  pool_->run(int64_t(h.n_chunks), [&](int64_t i) {
+  const uint32_t g = group_size(h.n_chunks, pool_->threads());
+  pool_->run(int64_t((h.n_chunks + g - 1) / g), [&](int64_t k) {
+    const uint32_t first = uint32_t(k) * g, last = std::min(h.n_chunks, first + g);
+    uint32_t at = first;
     try {
       ThreadState& ts = state();
-      const uint32_t len = chunk_len(uint32_t(i), logical, h.chunk_bytes);
-      const ChunkDesc d = describe_chunk(uint32_t(i), entries.data(), offsets.data(), 0);
-      const uint8_t* payload = blob + d.dst;
-      if (crc(payload, d.len) != entries[i].crc) throw CodecError("crc32 mismatch");
-      nvcomp::LZ4CPUManager& mgr = ts.get(h.chunk_bytes, level_);
-      const uint8_t* shuffled = payload;
-      if (!d.raw) {
-        auto cfg = mgr.configure_decompression(payload);
-        if (cfg.decomp_data_size != len) throw CodecError("LZ4 chunk has the wrong decompressed size");
-        mgr.decompress(ts.shuffled.data(), payload, cfg);
-        if (*cfg.get_status() != nvcompSuccess) throw CodecError("nvCOMP LZ4 decompress failed");
-        shuffled = ts.shuffled.data();
+      nvcomp::LZ4CPUManager& mgr = ts.get(chunk_bytes_, level_);
+      std::vector<uint32_t> idx;
+      std::vector<const uint8_t*> ins;
+      std::vector<uint8_t*> outs;
+      std::vector<size_t> sizes;
+      for (uint32_t i = first; i < last; ++i) {
+        at = i;
+        const ChunkDesc d = describe_chunk(i, entries.data(), offsets.data(), 0);
+        if (crc(blob + d.dst, d.len) != entries[i].crc) throw CodecError("crc32 mismatch");
+        if (d.raw) continue;
+        idx.push_back(i);
+        ins.push_back(blob + d.dst);
+        outs.push_back(ts.shuffled.data() + uint64_t(i - first) * h.chunk_bytes);
+        sizes.push_back(d.len);
       }
-      uint8_t* logical_out = half ? ts.logical.data() : dst + uint64_t(i) * h.chunk_bytes;
-      bitunshuffle(shuffled, logical_out, ts.tmp.data(), len / w, w);
-      if (half) scatter(logical_out, dst, uint64_t(i) * h.chunk_bytes, len, true);
+      if (!idx.empty()) {
+        at = idx.front();
+        const std::vector<nvcomp::DecompressionConfig> cfgs = mgr.configure_decompression(ins.data(), ins.size(),
+                                                                                           sizes.data());
+        for (size_t j = 0; j < idx.size(); ++j) {
+          at = idx[j];
+          if (cfgs[j].decomp_data_size != chunk_len(idx[j], logical, h.chunk_bytes))
+            throw CodecError("LZ4 chunk has the wrong decompressed size");
+        }
+        at = idx.front();
+        mgr.decompress(outs.data(), ins.data(), cfgs, sizes.data());
+        for (size_t j = 0; j < idx.size(); ++j) {
+          at = idx[j];
+          check_status(cfgs[j].get_status(), "decompress");
+        }
+      }
+      for (uint32_t i = first; i < last; ++i) {
+        at = i;
+        const uint32_t len = chunk_len(i, logical, h.chunk_bytes);
+        const ChunkDesc d = describe_chunk(i, entries.data(), offsets.data(), 0);
+        const uint8_t* shuffled = d.raw ? blob + d.dst : ts.shuffled.data() + uint64_t(i - first) * h.chunk_bytes;
+        uint8_t* logical_out = half ? ts.logical.data() : dst + uint64_t(i) * h.chunk_bytes;
+        bitunshuffle(shuffled, logical_out, ts.tmp.data(), len / w, w);
+        if (half) scatter(logical_out, dst, uint64_t(i) * h.chunk_bytes, len, true);
+      }
     } catch (const std::exception& e) {
       int expect = -1;
-      if (failed.compare_exchange_strong(expect, int(i))) why = e.what();
+      if (failed.compare_exchange_strong(expect, int(at))) why = e.what();
     }
   });
   if (failed.load() >= 0)

@@ -1,5 +1,6 @@
-// CPU codec for paged tensors: bit-shuffle + nvCOMP LZ4 (CPU library) per 64 KiB chunk, chunks in
-// parallel on a blocking thread pool, per-chunk crc32, incompressible chunks stored raw. Blob layout: blob_hd.h.
+// CPU codec for paged tensors: bit-shuffle + nvCOMP LZ4 (CPU library) per 64 KiB chunk, one batched
+// nvCOMP call per group of chunks, groups in parallel on a blocking thread pool, per-chunk crc32,
+// incompressible chunks stored raw. Blob layout: blob_hd.h.
 #pragma once
 #include <cstdint>
 #include <memory>
