@@ -1,4 +1,4 @@
-"""forge_rt.swap on SmolLM2 (cut to its first decoder layer to keep CPU time low): accelerate vs
+"""forge_rt.swap on SmolLM2 (whole, and cut to its first decoder layer where CPU time matters): accelerate vs
 stock PEFT over bitsandbytes 4-bit, quantize_model + PEFT training, undo, and the skip summary."""
 import copy
 
@@ -15,18 +15,27 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 N_LAYERS = 1
 
 
-@pytest.fixture
-def small_lm(smollm2):
-    """A private fp32 copy of SmolLM2 with only its first decoder layers, and a fixed token batch."""
+def _cut_lm(smollm2, n_layers):
+    """A private fp32 copy of SmolLM2 with only its first n decoder layers, and a fixed token batch."""
     model, tok = smollm2
     # Share (don't copy) the decoder layers that get dropped; the session model itself is untouched.
-    base = copy.deepcopy(model, {id(layer): layer for layer in model.model.layers[N_LAYERS:]})
-    base.model.layers = base.model.layers[:N_LAYERS]
-    base.config.num_hidden_layers = N_LAYERS
+    base = copy.deepcopy(model, {id(layer): layer for layer in model.model.layers[n_layers:]})
+    base.model.layers = base.model.layers[:n_layers]
+    base.config.num_hidden_layers = n_layers
     text = ["The capital of France is Paris, and the capital of Italy is Rome, as every atlas says.",
             "Water boils at one hundred degrees Celsius at sea level, and freezes at zero degrees."]
     ids = torch.stack([tok(t, return_tensors="pt").input_ids[0, :16] for t in text])
     return base.eval(), ids
+
+
+@pytest.fixture
+def small_lm(smollm2):
+    return _cut_lm(smollm2, N_LAYERS)
+
+
+@pytest.fixture
+def full_lm(smollm2):
+    return _cut_lm(smollm2, smollm2[0].config.num_hidden_layers)
 
 
 def _to_bnb4bit(model):
@@ -66,17 +75,19 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def test_accelerate_matches_stock_peft_over_bitsandbytes(small_lm):
-    model, ids = small_lm
+@pytest.mark.parametrize("lm", ["small_lm", "full_lm"])
+def test_accelerate_matches_stock_peft_over_bitsandbytes(lm, request):
+    model, ids = request.getfixturevalue(lm)
     pm = _lora(_to_bnb4bit(model))
     assert isinstance(pm.base_model.model.model.layers[0].self_attn.q_proj, peft.tuners.lora.bnb.Linear4bit)
     logits_ref, grads_ref = _step(pm, ids)
 
     swap.accelerate(pm)
-    assert pm.forge_rt_summary == {"enabled": True, "accelerated": 7 * N_LAYERS, "skipped": {}}
+    n_layers = model.config.num_hidden_layers
+    assert pm.forge_rt_summary == {"enabled": True, "accelerated": 7 * n_layers, "skipped": {}}
     logits, grads = _step(pm, ids)
     assert _rel(logits, logits_ref) < 1e-4
-    assert grads.keys() == grads_ref.keys() and len(grads) == 2 * 7 * N_LAYERS
+    assert grads.keys() == grads_ref.keys() and len(grads) == 2 * 7 * n_layers
     for name in grads:
         assert _rel(grads[name], grads_ref[name]) < 1e-4, name
 
