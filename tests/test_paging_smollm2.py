@@ -1,7 +1,7 @@
 """A LoRA training step of SmolLM2-135M-Instruct with paging on gives the loss and every LoRA
 gradient bit for bit equal to paging off (compress-only, and with a budget that forces spills).
-To fit the suite's time budget on a 2-core CPU the model is cut to its first 2 layers and 2 x 128
-tokens (the 49152-token vocabulary's logits dominate the cost); bench/bench_paging.py runs 4 x 256."""
+Run on the whole model with 4 x 256 tokens of prose, and on a 2-layer cut with 2 x 128 tokens
+(where the 49152-token vocabulary's logits dominate what is saved)."""
 import gc
 import inspect
 import json
@@ -50,7 +50,10 @@ def check_equal(ref, got):
         assert g.abs().sum() > 0, f"{name} has an all-zero gradient; the comparison would be vacuous"
 
 
-@pytest.mark.parametrize("dtype,layers,batch,tokens", [(torch.float32, 2, 2, 128), (torch.bfloat16, 2, 2, 128)])
+@pytest.mark.parametrize("dtype,layers,batch,tokens", [
+    (torch.float32, 2, 2, 128), (torch.bfloat16, 2, 2, 128),
+    (torch.float32, None, 4, 256), (torch.bfloat16, None, 4, 256),  # the whole model, 4 x 256 tokens
+])
 def test_lora_step_bit_identical(fresh_smollm2, tmp_path, dtype, layers, batch, tokens):
     model, tok = fresh_smollm2
     model = lora_model(model, dtype, layers)
