@@ -22,6 +22,20 @@ from forge_rt.nf4 import NESTED_BLOCKSIZE
 
 
 @triton.jit
+def _rank_r_product(l_ptr, slm, slr, r_ptr, srr, src, offs_m, offs_c, in_m, in_c, R,
+                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """fp32 tile of L[M, R] @ Rm[R, C] (the LoRA epilogue), R walked in BLOCK_R chunks, in L's dtype."""
+    out = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        in_r = offs_r < R
+        lt = tl.load(l_ptr + offs_m[:, None] * slm + offs_r[None, :] * slr, mask=in_m[:, None] & in_r[None, :], other=0.0)
+        rt = tl.load(r_ptr + offs_r[:, None] * srr + offs_c[None, :] * src, mask=in_r[:, None] & in_c[None, :], other=0.0)
+        out = tl.dot(lt, rt.to(lt.dtype), out, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
 def _forward_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
                     xa_ptr, b_ptr, bias_ptr, y_ptr, M, N, K, R, scaling,
                     sxm, sxk, sam, sar, sbn, sbr, sym, syn,
@@ -48,17 +62,9 @@ def _forward_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, 
         acc = tl.dot(x, wt.to(dt), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[None, :]
-    if HAS_LORA:
-        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            in_r = offs_r < R
-            xa = tl.load(xa_ptr + offs_m[:, None] * sam + offs_r[None, :] * sar,
-                         mask=in_m[:, None] & in_r[None, :], other=0.0)
-            bt = tl.load(b_ptr + offs_n[None, :] * sbn + offs_r[:, None] * sbr,
-                         mask=in_r[:, None] & in_n[None, :], other=0.0)
-            lora = tl.dot(xa, bt.to(xa.dtype), lora, input_precision=LORA_PRECISION)
-        acc += scaling * lora
+    if HAS_LORA:  # + scaling * xa @ B^T
+        acc += scaling * _rank_r_product(xa_ptr, sam, sar, b_ptr, sbr, sbn, offs_m, offs_n, in_m, in_n, R,
+                                         LORA_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
     tl.store(y_ptr + offs_m[:, None] * sym + offs_n[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
              mask=in_m[:, None] & in_n[None, :])
 
@@ -90,17 +96,9 @@ def _backward_input_kernel(g_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absma
                      row[:, None], offs_k[None, :], k0, in_n[:, None], in_k[None, :],
                      BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, ROW_SCALE)
         acc = tl.dot(g, w.to(dt), acc, input_precision=PRECISION)
-    if HAS_LORA:
-        lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            in_r = offs_r < R
-            gb = tl.load(gb_ptr + offs_m[:, None] * sbm + offs_r[None, :] * sbr,
-                         mask=in_m[:, None] & in_r[None, :], other=0.0)
-            a = tl.load(a_ptr + offs_r[:, None] * sar + offs_k[None, :] * sak,
-                        mask=in_r[:, None] & in_k[None, :], other=0.0)
-            lora = tl.dot(gb, a.to(gb.dtype), lora, input_precision=LORA_PRECISION)
-        acc += scaling * lora
+    if HAS_LORA:  # + scaling * gb @ A
+        acc += scaling * _rank_r_product(gb_ptr, sbm, sbr, a_ptr, sar, sak, offs_m, offs_k, in_m, in_k, R,
+                                         LORA_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R)
     tl.store(gx_ptr + offs_m[:, None] * sxm + offs_k[None, :] * sxk, acc.to(gx_ptr.dtype.element_ty),
              mask=in_m[:, None] & in_k[None, :])
 
