@@ -106,7 +106,7 @@ def test_probe_skips_incompressible():
 
 
 def parse_blob(blob: bytes):
-    magic, n, chunk_bytes, width, logical, flags, _ = struct.unpack_from("<IIIIQII", blob, 0)
+    magic, n, chunk_bytes, width, logical, flags, lz4_planes = struct.unpack_from("<IIIIQII", blob, 0)
     assert magic == 0x31505246
     table = [struct.unpack_from("<II", blob, P.HEADER_BYTES + 8 * i) for i in range(n)]
     at = P.HEADER_BYTES + 8 * n
@@ -116,39 +116,69 @@ def parse_blob(blob: bytes):
         payloads.append((bool(stored & P.RAW_FLAG), blob[at:at + length], crc))
         at += length
     assert at == len(blob)
-    return chunk_bytes, width, logical, flags, payloads
+    return chunk_bytes, width, logical, flags, lz4_planes, payloads
+
+
+def expected_sections(chunk: bytes, width: int, lz4_planes: int):
+    """Oracle for one chunk's layout: raw byte planes, the bit-shuffled LZ4 input, and the tail."""
+    a = np.frombuffer(chunk, np.uint8)
+    n8 = len(a) // width // 8 * 8
+    planes = a[: n8 * width].reshape(n8, width).T
+    raw = b"".join(planes[b].tobytes() for b in range(width) if not lz4_planes >> b & 1)
+    shuffled = b"".join(np_bitshuffle(planes[b].tobytes(), 1) for b in range(width) if lz4_planes >> b & 1)
+    return raw, shuffled, a[n8 * width:].tobytes()
 
 
 @pytest.mark.parametrize("dtype,kind,numel", [(torch.bfloat16, "random", 300_001), (torch.float32, "sparse", 70_000),
-                                              (torch.int32, "constant", 40_000), (torch.uint8, "sparse", 100_000)])
+                                              (torch.float32, "random", 100_003), (torch.int32, "constant", 40_000),
+                                              (torch.uint8, "sparse", 100_000), (torch.int64, "sparse", 9_999)])
 def test_blob_decodes_with_reference_lz4(dtype, kind, numel):
-    """Walk the blob in Python and decode every LZ4 chunk with python-lz4 (not nvCOMP)."""
-    import zlib
+    """Walk the blob in Python and decode every LZ4 section with python-lz4 (not nvCOMP)."""
     t = make(kind, dtype, numel)
     enc = TensorCodec(min_ratio=0.0).encode(t)
-    chunk_bytes, width, logical, flags, payloads = parse_blob(enc.blob.numpy().tobytes())
+    chunk_bytes, width, logical, flags, lz4_planes, payloads = parse_blob(enc.blob.numpy().tobytes())
     src = t.view(torch.uint8).numpy().tobytes() if dtype != torch.bool else t.numpy().tobytes()
-    assert logical == len(src) and width == t.element_size() and flags == 0
+    assert logical == len(src) and width == t.element_size() and flags == 0 and 0 < lz4_planes < 1 << width
     n_lz4 = 0
     for i, (raw, payload, crc) in enumerate(payloads):
-        assert zlib.crc32(payload) == crc
-        want = src[i * chunk_bytes:(i + 1) * chunk_bytes]
-        if raw:
-            shuffled = payload
-        else:
-            (block_len,) = struct.unpack_from("<Q", payload, 80)
-            assert HLIF_HEADER + block_len <= len(payload) < HLIF_HEADER + block_len + 8  # 8-byte padded
-            shuffled = lz4.block.decompress(payload[HLIF_HEADER:HLIF_HEADER + block_len], uncompressed_size=len(want))
+        buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.empty(0, dtype=torch.uint8)
+        assert P.crc32c_hd(buf.data_ptr(), len(payload)) == crc
+        want_raw, want_shuffled, want_tail = expected_sections(src[i * chunk_bytes:(i + 1) * chunk_bytes], width,
+                                                               lz4_planes)
+        assert payload[:len(want_raw)] == want_raw, f"chunk {i} raw planes"
+        assert payload[len(payload) - len(want_tail):] == want_tail, f"chunk {i} tail"
+        section = payload[len(want_raw):len(payload) - len(want_tail)]
+        if not raw:
+            (block_len,) = struct.unpack_from("<Q", section, 80)
+            assert HLIF_HEADER + block_len <= len(section) < HLIF_HEADER + block_len + 8  # 8-byte padded
+            section = lz4.block.decompress(section[HLIF_HEADER:HLIF_HEADER + block_len],
+                                           uncompressed_size=len(want_shuffled))
             n_lz4 += 1
-        assert shuffled == np_bitshuffle(want, width), f"chunk {i}"
+        assert section == want_shuffled, f"chunk {i}"
     assert n_lz4 > 0
+
+
+@pytest.mark.parametrize("dtype,planes", [(torch.float32, 0b1000), (torch.bfloat16, 0b10), (torch.float16, 0b10)])
+def test_probe_sends_only_the_exponent_plane_of_activations_to_lz4(dtype, planes):
+    """Normal-like floats: only the sign/exponent byte plane shrinks under LZ4, so only it costs LZ4 time."""
+    t = (torch.randn(400_000, generator=torch.Generator().manual_seed(5)) * 0.3).to(dtype)
+    codec = P.Codec(2, 1, CHUNK)
+    assert codec.compress(t.data_ptr(), t.numel() * t.element_size(), t.element_size(), False, 1.05) > 0
+    assert codec.lz4_planes == planes
+    forced = codec.compress(t.data_ptr(), t.numel() * t.element_size(), t.element_size(), False, 1.05,
+                            (1 << t.element_size()) - 1)
+    assert forced > 0 and codec.lz4_planes == (1 << t.element_size()) - 1
+    enc = TensorCodec().encode(t)
+    out = torch.empty_like(t)
+    TensorCodec().decode(enc.blob, out, enc.half, "t")
+    assert torch.equal(out.view(torch.uint8), t.view(torch.uint8))
 
 
 def test_raw_chunks_when_lz4_does_not_shrink():
     t = torch.randint(0, 256, (3 * CHUNK,), dtype=torch.uint8)
     t[:CHUNK] = 0
     enc = TensorCodec(min_ratio=0.0).encode(t)
-    _, _, _, _, payloads = parse_blob(enc.blob.numpy().tobytes())
+    _, _, _, _, _, payloads = parse_blob(enc.blob.numpy().tobytes())
     assert [raw for raw, _, _ in payloads] == [False, True, True]
 
 
@@ -161,7 +191,7 @@ def test_many_groups_mix_raw_and_lz4_chunks():
                                                                dtype=torch.int32).view(torch.float32)
     codec = TensorCodec(min_ratio=0.0)
     enc = codec.encode(t)
-    _, _, _, _, payloads = parse_blob(enc.blob.numpy().tobytes())
+    _, _, _, _, _, payloads = parse_blob(enc.blob.numpy().tobytes())
     assert [raw for raw, _, _ in payloads] == [k % 3 == 0 or k == 74 for k in range(75)]  # 74: 20 bytes, too short
     out = torch.empty_like(t)
     codec.decode(enc.blob, out, enc.half, "t")
@@ -195,11 +225,11 @@ def test_corrupt_chunk_and_truncated_blob_are_detected():
     t = make("sparse", torch.float32, 4 * CHUNK)
     enc = codec.encode(t)
     out = torch.empty_like(t)
-    _, _, _, _, payloads = parse_blob(enc.blob.numpy().tobytes())
+    _, _, _, _, _, payloads = parse_blob(enc.blob.numpy().tobytes())
     at = P.HEADER_BYTES + 8 * len(payloads) + len(payloads[0][1]) + len(payloads[1][1]) + len(payloads[2][1]) // 2
     bad = enc.blob.clone()
     bad[at] ^= 0x40
-    with pytest.raises(PagingError, match=r"tensor layer3\.act .*chunk 2 .*crc32"):
+    with pytest.raises(PagingError, match=r"tensor layer3\.act .*chunk 2 .*CRC-32C"):
         codec.decode(bad, out, enc.half, "layer3.act")
     with pytest.raises(PagingError, match="truncated"):
         codec.decode(enc.blob[:-5], out, enc.half, "layer3.act")
@@ -207,8 +237,11 @@ def test_corrupt_chunk_and_truncated_blob_are_detected():
         codec.decode(torch.zeros(64, dtype=torch.uint8), out, enc.half, "layer3.act")
 
 
-def test_gpu_crc32_matches_zlib():
-    import zlib
-    for n in (0, 1, 7, 4096, 65536 + 3):
+def test_crc32c_hardware_and_gpu_bitwise_agree_with_the_standard():
+    """Two independent CRC-32C implementations (CPU instructions, the GPU kernels' bitwise loop) and
+    the standard's check value for "123456789"."""
+    check = torch.frombuffer(bytearray(b"123456789"), dtype=torch.uint8)
+    assert P.crc32c(check.data_ptr(), 9) == P.crc32c_hd(check.data_ptr(), 9) == 0xE3069283
+    for n in (0, 1, 7, 8, 9, 4096, 65536 + 3):
         b = torch.randint(0, 256, (n,), dtype=torch.uint8)
-        assert P.crc32_hd(b.data_ptr(), n) == zlib.crc32(b.numpy().tobytes())
+        assert P.crc32c(b.data_ptr(), n) == P.crc32c_hd(b.data_ptr(), n)

@@ -1,5 +1,3 @@
-// Two stages, each its own inverse pair: (1) byte transpose [n][width] -> [width][n];
-// (2) within each byte plane, 8x8 bit-matrix transposes turn 8 bytes into 8 bit-plane bytes.
 #include "paging/bitshuffle.h"
 
 #include <cstring>
@@ -10,40 +8,80 @@
 namespace forge_paging {
 namespace {
 
-// W is a compile-time width for the common sizes so the compiler unrolls and vectorizes.
+// W is a compile-time width for the common sizes so the compiler unrolls the inner loop.
 template <size_t W>
-void byte_transpose_w(const uint8_t* src, uint8_t* dst, size_t n, size_t width) {
+void byte_transpose_w(const uint8_t* src, uint8_t* const* planes, size_t i0, size_t n, size_t width) {
   const size_t w = W ? W : width;
-  for (size_t i = 0; i < n; ++i)
-    for (size_t b = 0; b < w; ++b) dst[b * n + i] = src[i * w + b];
+  for (size_t i = i0; i < n; ++i)
+    for (size_t b = 0; b < w; ++b) planes[b][i] = src[i * w + b];
 }
 
 template <size_t W>
-void byte_untranspose_w(const uint8_t* src, uint8_t* dst, size_t n, size_t width) {
+void byte_untranspose_w(const uint8_t* const* planes, uint8_t* dst, size_t i0, size_t n, size_t width) {
   const size_t w = W ? W : width;
-  for (size_t i = 0; i < n; ++i)
-    for (size_t b = 0; b < w; ++b) dst[i * w + b] = src[b * n + i];
+  for (size_t i = i0; i < n; ++i)
+    for (size_t b = 0; b < w; ++b) dst[i * w + b] = planes[b][i];
 }
 
-void byte_transpose(const uint8_t* src, uint8_t* dst, size_t n, size_t width) {
-  switch (width) {
-    case 1: std::memcpy(dst, src, n); return;
-    case 2: return byte_transpose_w<2>(src, dst, n, width);
-    case 4: return byte_transpose_w<4>(src, dst, n, width);
-    case 8: return byte_transpose_w<8>(src, dst, n, width);
-    default: return byte_transpose_w<0>(src, dst, n, width);
+#ifdef FORGE_RT_AVX2
+// Within each 128-bit lane: a 4x4 byte transpose (its own inverse) for width 4, and the
+// even/odd byte split and its inverse for width 2.
+const __m256i kT4 = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                     0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+const __m256i kSplit2 = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                         0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+const __m256i kJoin2 = _mm256_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15,
+                                        0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+
+// 8 elements of 4 bytes per step; returns the elements done.
+size_t byte_transpose4_avx2(const uint8_t* src, uint8_t* const* p, size_t n) {
+  const __m256i gather = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256i v = _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 4 * i)), kT4);
+    v = _mm256_permutevar8x32_epi32(v, gather);  // qword b = 8 bytes of plane b
+    alignas(32) uint64_t q[4];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(q), v);
+    for (int b = 0; b < 4; ++b) std::memcpy(p[b] + i, &q[b], 8);
   }
+  return i;
 }
 
-void byte_untranspose(const uint8_t* src, uint8_t* dst, size_t n, size_t width) {
-  switch (width) {
-    case 1: std::memcpy(dst, src, n); return;
-    case 2: return byte_untranspose_w<2>(src, dst, n, width);
-    case 4: return byte_untranspose_w<4>(src, dst, n, width);
-    case 8: return byte_untranspose_w<8>(src, dst, n, width);
-    default: return byte_untranspose_w<0>(src, dst, n, width);
+size_t byte_untranspose4_avx2(const uint8_t* const* p, uint8_t* dst, size_t n) {
+  const __m256i scatter = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    alignas(32) uint64_t q[4];
+    for (int b = 0; b < 4; ++b) std::memcpy(&q[b], p[b] + i, 8);
+    __m256i v = _mm256_permutevar8x32_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(q)), scatter);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 4 * i), _mm256_shuffle_epi8(v, kT4));
   }
+  return i;
 }
+
+// 16 elements of 2 bytes per step.
+size_t byte_transpose2_avx2(const uint8_t* src, uint8_t* const* p, size_t n) {
+  size_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m256i v = _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 2 * i)), kSplit2);
+    v = _mm256_permute4x64_epi64(v, 0xD8);  // (0, 2, 1, 3): plane 0 low half, plane 1 high half
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p[0] + i), _mm256_castsi256_si128(v));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p[1] + i), _mm256_extracti128_si256(v, 1));
+  }
+  return i;
+}
+
+size_t byte_untranspose2_avx2(const uint8_t* const* p, uint8_t* dst, size_t n) {
+  size_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m256i v = _mm256_set_m128i(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p[1] + i)),
+                                 _mm_loadu_si128(reinterpret_cast<const __m128i*>(p[0] + i)));
+    v = _mm256_permute4x64_epi64(v, 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * i), _mm256_shuffle_epi8(v, kJoin2));
+  }
+  return i;
+}
+#endif
 
 // 8x8 bit matrix transpose of a little-endian uint64 (row r = byte r, column c = bit c).
 inline uint64_t transpose8(uint64_t x) {
@@ -112,35 +150,81 @@ size_t bits_inverse_avx2(const uint8_t* in, uint8_t* plane, size_t n) {
 
 }  // namespace
 
+void byte_transpose(const uint8_t* src, uint8_t* const* planes, size_t n, size_t width, bool simd) {
+  size_t i0 = 0;
+  (void)simd;
+  switch (width) {
+    case 1: std::memcpy(planes[0], src, n); return;
+    case 2:
+#ifdef FORGE_RT_AVX2
+      if (simd) i0 = byte_transpose2_avx2(src, planes, n);
+#endif
+      return byte_transpose_w<2>(src, planes, i0, n, width);
+    case 4:
+#ifdef FORGE_RT_AVX2
+      if (simd) i0 = byte_transpose4_avx2(src, planes, n);
+#endif
+      return byte_transpose_w<4>(src, planes, i0, n, width);
+    case 8: return byte_transpose_w<8>(src, planes, 0, n, width);
+    default: return byte_transpose_w<0>(src, planes, 0, n, width);
+  }
+}
+
+void byte_untranspose(const uint8_t* const* planes, uint8_t* dst, size_t n, size_t width, bool simd) {
+  size_t i0 = 0;
+  (void)simd;
+  switch (width) {
+    case 1: std::memcpy(dst, planes[0], n); return;
+    case 2:
+#ifdef FORGE_RT_AVX2
+      if (simd) i0 = byte_untranspose2_avx2(planes, dst, n);
+#endif
+      return byte_untranspose_w<2>(planes, dst, i0, n, width);
+    case 4:
+#ifdef FORGE_RT_AVX2
+      if (simd) i0 = byte_untranspose4_avx2(planes, dst, n);
+#endif
+      return byte_untranspose_w<4>(planes, dst, i0, n, width);
+    case 8: return byte_untranspose_w<8>(planes, dst, 0, n, width);
+    default: return byte_untranspose_w<0>(planes, dst, 0, n, width);
+  }
+}
+
+void bit_transpose(const uint8_t* plane, uint8_t* out, size_t n, bool simd) {
+  size_t g0 = 0;
+#ifdef FORGE_RT_AVX2
+  if (simd) g0 = bits_forward_avx2(plane, out, n);
+#endif
+  (void)simd;
+  bits_forward_scalar(plane, out, n, g0);
+}
+
+void bit_untranspose(const uint8_t* in, uint8_t* plane, size_t n, bool simd) {
+  size_t g0 = 0;
+#ifdef FORGE_RT_AVX2
+  if (simd) g0 = bits_inverse_avx2(in, plane, n);
+#endif
+  (void)simd;
+  bits_inverse_scalar(in, plane, n, g0);
+}
+
 void bitshuffle(const uint8_t* src, uint8_t* dst, uint8_t* tmp, size_t n, size_t width, bool simd) {
   const size_t n8 = n - n % 8;
-  byte_transpose(src, tmp, n8, width);
-  for (size_t b = 0; b < width; ++b) {
-    const uint8_t* plane = tmp + b * n8;
-    uint8_t* out = dst + b * n8;
-    size_t g0 = 0;
-#ifdef FORGE_RT_AVX2
-    if (simd) g0 = bits_forward_avx2(plane, out, n8);
-#endif
-    (void)simd;
-    bits_forward_scalar(plane, out, n8, g0);
-  }
+  uint8_t* planes[kMaxWidth];
+  for (size_t b = 0; b < width; ++b) planes[b] = tmp + b * n8;
+  byte_transpose(src, planes, n8, width, simd);
+  for (size_t b = 0; b < width; ++b) bit_transpose(planes[b], dst + b * n8, n8, simd);
   std::memcpy(dst + n8 * width, src + n8 * width, (n - n8) * width);
 }
 
 void bitunshuffle(const uint8_t* src, uint8_t* dst, uint8_t* tmp, size_t n, size_t width, bool simd) {
   const size_t n8 = n - n % 8;
+  const uint8_t* planes[kMaxWidth];
   for (size_t b = 0; b < width; ++b) {
-    const uint8_t* in = src + b * n8;
-    uint8_t* plane = tmp + b * n8;
-    size_t g0 = 0;
-#ifdef FORGE_RT_AVX2
-    if (simd) g0 = bits_inverse_avx2(in, plane, n8);
-#endif
-    (void)simd;
-    bits_inverse_scalar(in, plane, n8, g0);
+    bit_untranspose(src + b * n8, tmp + b * n8, n8, simd);
+    planes[b] = tmp + b * n8;
   }
-  byte_untranspose(tmp, dst, n8, width);
+  byte_untranspose(planes, dst, n8, width, simd);
   std::memcpy(dst + n8 * width, src + n8 * width, (n - n8) * width);
 }
 

@@ -2,7 +2,11 @@
 //   [BlobHeader][ChunkEntry x n_chunks][payload of chunk 0][payload of chunk 1]...
 // Each chunk is compressed into its own fixed-size scratch slot; compaction then moves the
 // payloads next to each other at offsets given by an exclusive scan of the stored sizes.
-// A chunk whose LZ4 output would not be smaller is stored raw (its bit-shuffled bytes).
+// CPU blobs (no kFlagGpu) store each chunk as [raw planes][LZ4 section][tail]: the raw planes are
+// the byte planes outside BlobHeader.lz4_planes (n8 = n - n % 8 bytes each, plane order; n8 keeps
+// the LZ4 section 8-byte aligned as nvCOMP requires), the LZ4 section is LZ4 of the bit-transposed
+// planes in lz4_planes, and the tail is the last n % 8 elements as they are. A chunk whose payload
+// would not be smaller is stored raw: the LZ4 section holds its input bytes as is.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -28,13 +32,13 @@ struct BlobHeader {
   uint32_t width;         // element width the bit-shuffle used (logical stream)
   uint64_t logical_bytes; // bytes of the logical stream (half of the tensor when kFlagHalf)
   uint32_t flags;
-  uint32_t reserved;
+  uint32_t lz4_planes;    // CPU blobs: bit b set = byte plane b is bit-shuffled and LZ4'd (see above)
 };
 static_assert(sizeof(BlobHeader) == 32, "BlobHeader is 32 bytes");
 
 struct ChunkEntry {
   uint32_t stored;  // payload bytes, | kRawFlag when raw
-  uint32_t crc;     // crc32 of the payload bytes
+  uint32_t crc;     // CRC-32C of the payload bytes
 };
 
 struct ChunkDesc {
@@ -53,6 +57,20 @@ FORGE_HD inline uint32_t chunk_len(uint32_t i, uint64_t logical_bytes, uint32_t 
   const uint64_t rest = logical_bytes - start;
   return uint32_t(rest < chunk_bytes ? rest : chunk_bytes);
 }
+
+FORGE_HD inline uint32_t popcount32(uint32_t m) {
+  uint32_t c = 0;
+  for (; m; m &= m - 1) ++c;
+  return c;
+}
+
+// Bytes of a chunk's raw planes and of its tail (len logical bytes of `width`-byte elements).
+FORGE_HD inline uint32_t raw_plane_bytes(uint32_t len, uint32_t width, uint32_t lz4_planes) {
+  const uint32_t n = len / width;
+  return (width - popcount32(lz4_planes)) * (n - n % 8);
+}
+
+FORGE_HD inline uint32_t tail_bytes(uint32_t len, uint32_t width) { return (len / width) % 8 * width; }
 
 FORGE_HD inline uint64_t table_bytes(uint32_t n_chunks) {
   return sizeof(BlobHeader) + uint64_t(n_chunks) * sizeof(ChunkEntry);
@@ -92,13 +110,13 @@ FORGE_HD inline void copy_lane(uint8_t* blob, const uint8_t* slots, const ChunkD
   for (uint64_t k = lane; k < d.len; k += lanes) blob[d.dst + k] = slots[d.src + k];
 }
 
-// crc32 (zlib's polynomial), bitwise: the GPU kernels' checksum; the CPU codec uses zlib and the tests
-// check that both agree.
-FORGE_HD inline uint32_t crc32_update(uint32_t crc, const uint8_t* p, uint64_t n) {
+// CRC-32C (Castagnoli), bitwise: the GPU kernels' checksum and the reference for the CPU codec's
+// hardware version (crc32c.h); the tests check both against each other and the standard check value.
+FORGE_HD inline uint32_t crc32c_update(uint32_t crc, const uint8_t* p, uint64_t n) {
   crc = ~crc;
   for (uint64_t k = 0; k < n; ++k) {
     crc ^= p[k];
-    for (int b = 0; b < 8; ++b) crc = (crc >> 1) ^ (0xEDB88320u & (0u - (crc & 1u)));
+    for (int b = 0; b < 8; ++b) crc = (crc >> 1) ^ (0x82F63B78u & (0u - (crc & 1u)));
   }
   return ~crc;
 }

@@ -1,7 +1,5 @@
 #include "paging/codec.h"
 
-#include <zlib.h>
-
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -9,6 +7,7 @@
 
 #include "nvcomp_cpu.hpp"
 #include "paging/bitshuffle.h"
+#include "paging/crc32c.h"
 #ifdef FORGE_RT_AVX2
 #include <immintrin.h>
 #endif
@@ -23,7 +22,7 @@ struct ThreadState {
   int level = -1;
   uint32_t chunk_bytes = 0;
   std::unique_ptr<nvcomp::LZ4CPUManager> mgr;
-  std::vector<uint8_t> logical, shuffled, tmp;  // shuffled holds kGroupChunks chunks
+  std::vector<uint8_t> logical, planes, shuffled;  // shuffled holds kGroupChunks chunks
 
   nvcomp::LZ4CPUManager& get(uint32_t cb, int lvl) {
     if (!mgr || cb != chunk_bytes || lvl != level) {
@@ -31,8 +30,8 @@ struct ThreadState {
       chunk_bytes = cb;
       level = lvl;
       logical.resize(cb);
+      planes.resize(cb);
       shuffled.resize(uint64_t(cb) * kGroupChunks);
-      tmp.resize(cb);
     }
     return *mgr;
   }
@@ -42,8 +41,6 @@ ThreadState& state() {
   thread_local ThreadState s;
   return s;
 }
-
-uint32_t crc(const uint8_t* p, uint32_t n) { return uint32_t(crc32(0L, p, n)); }
 
 // Chunks per nvCOMP call: each manager call costs tens of microseconds (more than LZ4 on a 64 KiB chunk),
 // so one batched call per group amortizes it; groups also spread a tensor over the pool's threads.
@@ -66,35 +63,101 @@ const uint8_t* gather(const uint8_t* src, uint64_t off, uint32_t len, bool half,
   return buf;
 }
 
-void scatter(const uint8_t* logical, uint8_t* dst, uint64_t off, uint32_t len, bool half) {
-  if (!half) { std::memcpy(dst + off, logical, len); return; }
+void scatter(const uint8_t* logical, uint8_t* dst, uint64_t off, uint32_t len) {
   const uint16_t* s = reinterpret_cast<const uint16_t*>(logical);
   uint32_t* d = reinterpret_cast<uint32_t*>(dst) + off / 2;
   for (uint32_t k = 0; k < len / 2; ++k) d[k] = uint32_t(s[k]) << 16;
 }
 
+// Where each byte plane of a chunk lives: planes in `mask` in `lz4_planes` (n8 bytes each, plane
+// order), the others one after another from `raw`.
+template <class P>
+void place_planes(P raw, P lz4_planes, uint32_t width, uint32_t mask, uint32_t n8, P* where) {
+  uint32_t k = 0;
+  for (uint32_t b = 0; b < width; ++b) {
+    if (mask >> b & 1u) {
+      where[b] = lz4_planes + uint64_t(k++) * n8;
+    } else {
+      where[b] = raw;
+      raw += n8;
+    }
+  }
+}
+
 }  // namespace
 
 Codec::Codec(int threads, int level, uint32_t chunk_bytes)
-    : level_(level), chunk_bytes_(chunk_bytes), pool_(std::make_unique<Pool>(std::max(1, threads))) {
+    : level_(level), chunk_bytes_(chunk_bytes), pool_(threads) {
   if (chunk_bytes == 0 || chunk_bytes % 64 != 0) throw CodecError("chunk_bytes must be a positive multiple of 64");
-  slot_bytes_ = state().get(chunk_bytes_, level_).configure_compression(chunk_bytes_).max_compressed_buffer_size;
+  // A slot holds the raw section plus LZ4 of the rest; the whole chunk plus LZ4's bound covers both.
+  const uint64_t bound = state().get(chunk_bytes_, level_).configure_compression(chunk_bytes_).max_compressed_buffer_size;
+  slot_bytes_ = (chunk_bytes_ + bound + 63) / 64 * 64;  // nvCOMP wants 8-byte aligned outputs
 }
 
-uint64_t Codec::compress(const uint8_t* src, uint64_t nbytes, uint32_t width, bool half, double min_ratio) {
+// LZ4s each byte plane of chunk `chunk` on its own and returns the mask of planes that shrink to
+// kPlaneKeep or less, or 0 when the chunk as a whole would shrink by less than min_ratio; with
+// min_ratio <= 1 the tensor is always compressed (all planes when none shrinks).
+uint32_t Codec::probe_planes(const uint8_t* src, uint32_t chunk, uint64_t logical, uint32_t width, bool half,
+                             double min_ratio) {
+  ThreadState& ts = state();
+  nvcomp::LZ4CPUManager& mgr = ts.get(chunk_bytes_, level_);
+  const uint32_t len = chunk_len(chunk, logical, chunk_bytes_), n = len / width, n8 = n - n % 8;
+  const uint32_t all = (1u << width) - 1;
+  if (n8 == 0) return min_ratio <= 1.0 ? all : 0;
+  uint8_t* where[kMaxWidth];
+  place_planes<uint8_t*>(nullptr, ts.planes.data(), width, all, n8, where);
+  byte_transpose(gather(src, uint64_t(chunk) * chunk_bytes_, len, half, ts.logical.data()), where, n8, width);
+  std::vector<const uint8_t*> ins;
+  std::vector<uint8_t*> outs;
+  for (uint32_t b = 0; b < width; ++b) {
+    bit_transpose(where[b], ts.shuffled.data() + uint64_t(b) * n8, n8);
+    ins.push_back(ts.shuffled.data() + uint64_t(b) * n8);
+    outs.push_back(slots_.data() + uint64_t(b) * slot_bytes_);
+  }
+  const std::vector<nvcomp::CompressionConfig> cfgs = mgr.configure_compression(std::vector<size_t>(width, n8));
+  mgr.compress(ins.data(), outs.data(), cfgs);
+  uint32_t mask = 0;
+  uint64_t saved = 0;
+  for (uint32_t b = 0; b < width; ++b) {
+    check_status(cfgs[b].get_status(), "compress");
+    const uint64_t out = mgr.get_compressed_output_size(outs[b]);
+    if (double(out) <= kPlaneKeep * n8) {
+      mask |= 1u << b;
+      saved += n8 - out;
+    }
+  }
+  if (min_ratio <= 1.0) return mask ? mask : all;  // compress whatever comes (tests, the ratio bench)
+  return double(len) / double(len - saved) < min_ratio ? 0 : mask;
+}
+
+uint64_t Codec::compress(const uint8_t* src, uint64_t nbytes, uint32_t width, bool half, double min_ratio,
+                         uint32_t lz4_planes) {
   const uint64_t logical = half ? nbytes / 2 : nbytes;
   const uint32_t w = half ? 2 : width;
+  if (w == 0 || w > kMaxWidth || chunk_bytes_ % w != 0)
+    throw CodecError("element width " + std::to_string(w) + " is not supported (1..16 bytes dividing the chunk)");
   const uint32_t n = n_chunks_for(logical, chunk_bytes_);
-  header_ = BlobHeader{kBlobMagic, n, chunk_bytes_, w, logical, half ? kFlagHalf : 0u, 0u};
-  slots_.resize(uint64_t(n) * slot_bytes_);
+  slots_.resize(uint64_t(std::max(n, w)) * slot_bytes_);
   entries_.assign(n, ChunkEntry{0, 0});
   offsets_.assign(n, 0);
+  header_ = BlobHeader{kBlobMagic, n, chunk_bytes_, w, logical, half ? kFlagHalf : 0u, 0u};
+  if (n == 0) {
+    blob_bytes_ = table_bytes(0);
+    return blob_bytes_;
+  }
+  // Probe the middle chunk: a tensor that does not compress costs one chunk of codec time, not all.
+  uint32_t mask = lz4_planes & ((1u << w) - 1);
+  if (mask == 0) mask = probe_planes(src, n / 2, logical, w, half, min_ratio);
+  if (mask == 0) return 0;
+  header_.lz4_planes = mask;
+
   std::atomic<int> failed{-1};
   std::string why;
-
-  // Chunks [first, first + count) except `skip`: bit-shuffle each, one nvCOMP call for all, then
-  // store raw what did not shrink and checksum the payloads.
-  auto group = [&](uint32_t first, uint32_t count, uint32_t skip) {
+  // One group of chunks: raw planes straight into their slots, the others bit-shuffled into the
+  // group buffer, one nvCOMP call for the group, then raw what did not shrink, tails, and crc32s.
+  auto group = [&](int64_t k) {
+    const uint32_t g = group_size(n, pool_.threads());
+    const uint32_t first = uint32_t(k) * g, last = std::min(n, first + g);
     uint32_t at = first;
     try {
       ThreadState& ts = state();
@@ -103,56 +166,57 @@ uint64_t Codec::compress(const uint8_t* src, uint64_t nbytes, uint32_t width, bo
       std::vector<size_t> lens;
       std::vector<const uint8_t*> ins;
       std::vector<uint8_t*> outs;
-      for (uint32_t i = first; i < first + count; ++i) {
-        if (i == skip) continue;
+      uint8_t tail[8 * kMaxWidth];  // only a tensor's last chunk has one, and it is last in its group
+      for (uint32_t i = first; i < last; ++i) {
         at = i;
-        const uint32_t len = chunk_len(i, logical, chunk_bytes_);
-        uint8_t* shuffled = ts.shuffled.data() + uint64_t(idx.size()) * chunk_bytes_;
+        const uint32_t len = chunk_len(i, logical, chunk_bytes_), ne = len / w, n8 = ne - ne % 8;
         const uint8_t* in = gather(src, uint64_t(i) * chunk_bytes_, len, half, ts.logical.data());
-        bitshuffle(in, shuffled, ts.tmp.data(), len / w, w);
+        uint8_t* slot = slots_.data() + uint64_t(i) * slot_bytes_;
+        uint8_t* where[kMaxWidth];
+        place_planes(slot, ts.planes.data(), w, mask, n8, where);
+        byte_transpose(in, where, n8, w);
+        std::memcpy(tail, in + uint64_t(n8) * w, tail_bytes(len, w));
+        uint8_t* shuffled = ts.shuffled.data() + uint64_t(i - first) * chunk_bytes_;
+        for (uint32_t j = 0, b = 0; b < w; ++b)
+          if (mask >> b & 1u) bit_transpose(where[b], shuffled + uint64_t(j++) * n8, n8);
+        if (n8 == 0) {  // a chunk of fewer than 8 elements: nothing to LZ4
+          std::memcpy(slot, tail, len);
+          entries_[i] = ChunkEntry{len | kRawFlag, crc32c(slot, len)};
+          continue;
+        }
         idx.push_back(i);
-        lens.push_back(len);
+        lens.push_back(uint64_t(popcount32(mask)) * n8);
         ins.push_back(shuffled);
-        outs.push_back(slots_.data() + uint64_t(i) * slot_bytes_);
+        outs.push_back(slot + raw_plane_bytes(len, w, mask));
       }
       if (idx.empty()) return;
       at = idx.front();
       const std::vector<nvcomp::CompressionConfig> cfgs = mgr.configure_compression(lens);
       mgr.compress(ins.data(), outs.data(), cfgs);
-      for (size_t k = 0; k < idx.size(); ++k) {
-        at = idx[k];
-        check_status(cfgs[k].get_status(), "compress");
-        ChunkEntry& e = entries_[idx[k]];
-        e.stored = stored_field(mgr.get_compressed_output_size(outs[k]), uint32_t(lens[k]));
-        if (e.stored & kRawFlag) std::memcpy(outs[k], ins[k], lens[k]);
-        e.crc = crc(outs[k], payload_len(e.stored));
+      for (size_t j = 0; j < idx.size(); ++j) {
+        at = idx[j];
+        check_status(cfgs[j].get_status(), "compress");
+        const uint32_t len = chunk_len(idx[j], logical, chunk_bytes_), planes = raw_plane_bytes(len, w, mask);
+        const uint32_t tb = tail_bytes(len, w);
+        ChunkEntry& e = entries_[idx[j]];
+        uint64_t section = mgr.get_compressed_output_size(outs[j]);
+        e.stored = stored_field(planes + section + tb, len);
+        if (e.stored & kRawFlag) {
+          std::memcpy(outs[j], ins[j], lens[j]);
+          section = lens[j];
+        }
+        std::memcpy(outs[j] + section, tail, tb);
+        e.crc = crc32c(outs[j] - planes, payload_len(e.stored));
       }
     } catch (const std::exception& e) {
       int expect = -1;
       if (failed.compare_exchange_strong(expect, int(at))) why = e.what();
     }
   };
-  auto fail = [&] {
+  const uint32_t g = group_size(n, pool_.threads());
+  pool_.run((n + g - 1) / g, group);
+  if (failed.load() >= 0)
     throw CodecError("nvCOMP LZ4 compress failed on chunk " + std::to_string(failed.load()) + ": " + why);
-  };
-
-  if (n == 0) {
-    blob_bytes_ = table_bytes(0);
-    return blob_bytes_;
-  }
-  // Probe the middle chunk: tensors that do not compress cost one chunk of codec time, not all.
-  const uint32_t probe = n / 2;
-  group(probe, 1, n);
-  if (failed.load() >= 0) fail();
-  const double ratio = double(chunk_len(probe, logical, chunk_bytes_)) / payload_len(entries_[probe].stored);
-  if (ratio < min_ratio) return 0;
-
-  const uint32_t g = group_size(n, pool_->threads());
-  pool_->run((n + g - 1) / g, [&](int64_t k) {
-    const uint32_t first = uint32_t(k) * g;
-    group(first, std::min(g, n - first), probe);
-  });
-  if (failed.load() >= 0) fail();
   blob_bytes_ = plan_offsets(entries_.data(), n, offsets_.data());
   return blob_bytes_;
 }
@@ -160,7 +224,7 @@ uint64_t Codec::compress(const uint8_t* src, uint64_t nbytes, uint32_t width, bo
 void Codec::take(uint8_t* dst) {
   std::memcpy(dst, &header_, sizeof(header_));
   std::memcpy(dst + sizeof(header_), entries_.data(), entries_.size() * sizeof(ChunkEntry));
-  pool_->run(int64_t(entries_.size()), [&](int64_t i) {
+  pool_.run(int64_t(entries_.size()), [&](int64_t i) {
     const ChunkDesc d = describe_chunk(uint32_t(i), entries_.data(), offsets_.data(), slot_bytes_);
     std::memcpy(dst + d.dst, slots_.data() + d.src, d.len);
   });
@@ -178,23 +242,26 @@ void Codec::decompress(const uint8_t* blob, uint64_t blob_bytes, uint8_t* dst, u
   const uint32_t w = half ? 2 : width;
   static const char* reasons[] = {"", "bad magic (not a forge_rt blob)", "header does not match the tensor",
                                   "blob size does not match its chunk table (truncated?)",
-                                  "raw chunk has the wrong length"};
+                                  "raw chunk has the wrong length", "LZ4 chunk is shorter than its raw section"};
   if (blob_bytes < table_bytes(0) || (h.magic == kBlobMagic && blob_bytes < table_bytes(h.n_chunks)))
     throw CodecError(std::string("corrupt blob: ") + reasons[3]);
   std::vector<ChunkEntry> entries(h.magic == kBlobMagic ? h.n_chunks : 0);
   if (!entries.empty()) std::memcpy(entries.data(), blob + sizeof(BlobHeader), entries.size() * sizeof(ChunkEntry));
   const int bad = check_table(h, entries.data(), blob_bytes, logical);
   if (bad) throw CodecError(std::string("corrupt blob: ") + reasons[bad]);
-  if (h.width != w || h.chunk_bytes != chunk_bytes_ || ((h.flags & kFlagHalf) != 0) != half)
+  if (h.width != w || w > kMaxWidth || h.chunk_bytes != chunk_bytes_ || ((h.flags & kFlagHalf) != 0) != half ||
+      (h.flags & kFlagGpu) || (h.n_chunks && (h.lz4_planes == 0 || h.lz4_planes >> w)))
     throw CodecError(std::string("corrupt blob: ") + reasons[2]);
   std::vector<uint64_t> offsets(h.n_chunks);
   plan_offsets(entries.data(), h.n_chunks, offsets.data());
+  const uint32_t mask = h.lz4_planes;
 
-  // Per group: verify every payload's crc, one nvCOMP call for the LZ4 chunks, then un-shuffle into dst.
+  // Per group: verify every payload's crc, one nvCOMP call for the LZ4 sections, then put the
+  // planes back: LZ4'd ones bit-unshuffled, raw ones read from the blob, and byte-untranspose into dst.
   std::atomic<int> failed{-1};
   std::string why;
-  const uint32_t g = group_size(h.n_chunks, pool_->threads());
-  pool_->run(int64_t((h.n_chunks + g - 1) / g), [&](int64_t k) {
+  const uint32_t g = group_size(h.n_chunks, pool_.threads());
+  pool_.run(int64_t((h.n_chunks + g - 1) / g), [&](int64_t k) {
     const uint32_t first = uint32_t(k) * g, last = std::min(h.n_chunks, first + g);
     uint32_t at = first;
     try {
@@ -207,12 +274,15 @@ void Codec::decompress(const uint8_t* blob, uint64_t blob_bytes, uint8_t* dst, u
       for (uint32_t i = first; i < last; ++i) {
         at = i;
         const ChunkDesc d = describe_chunk(i, entries.data(), offsets.data(), 0);
-        if (crc(blob + d.dst, d.len) != entries[i].crc) throw CodecError("crc32 mismatch");
+        if (crc32c(blob + d.dst, d.len) != entries[i].crc) throw CodecError("CRC-32C mismatch");
+        const uint32_t len = chunk_len(i, logical, h.chunk_bytes);
+        const uint32_t raw = raw_plane_bytes(len, w, mask) + tail_bytes(len, w);
         if (d.raw) continue;
+        if (d.len <= raw) throw CodecError(std::string("corrupt blob: ") + reasons[5]);
         idx.push_back(i);
-        ins.push_back(blob + d.dst);
+        ins.push_back(blob + d.dst + raw_plane_bytes(len, w, mask));
         outs.push_back(ts.shuffled.data() + uint64_t(i - first) * h.chunk_bytes);
-        sizes.push_back(d.len);
+        sizes.push_back(d.len - raw);
       }
       if (!idx.empty()) {
         at = idx.front();
@@ -220,7 +290,8 @@ void Codec::decompress(const uint8_t* blob, uint64_t blob_bytes, uint8_t* dst, u
                                                                                            sizes.data());
         for (size_t j = 0; j < idx.size(); ++j) {
           at = idx[j];
-          if (cfgs[j].decomp_data_size != chunk_len(idx[j], logical, h.chunk_bytes))
+          const uint32_t len = chunk_len(idx[j], logical, h.chunk_bytes);
+          if (cfgs[j].decomp_data_size != len - raw_plane_bytes(len, w, mask) - tail_bytes(len, w))
             throw CodecError("LZ4 chunk has the wrong decompressed size");
         }
         at = idx.front();
@@ -232,12 +303,20 @@ void Codec::decompress(const uint8_t* blob, uint64_t blob_bytes, uint8_t* dst, u
       }
       for (uint32_t i = first; i < last; ++i) {
         at = i;
-        const uint32_t len = chunk_len(i, logical, h.chunk_bytes);
+        const uint32_t len = chunk_len(i, logical, h.chunk_bytes), ne = len / w, n8 = ne - ne % 8;
         const ChunkDesc d = describe_chunk(i, entries.data(), offsets.data(), 0);
-        const uint8_t* shuffled = d.raw ? blob + d.dst : ts.shuffled.data() + uint64_t(i - first) * h.chunk_bytes;
-        uint8_t* logical_out = half ? ts.logical.data() : dst + uint64_t(i) * h.chunk_bytes;
-        bitunshuffle(shuffled, logical_out, ts.tmp.data(), len / w, w);
-        if (half) scatter(logical_out, dst, uint64_t(i) * h.chunk_bytes, len, true);
+        const uint8_t* payload = blob + d.dst;
+        const uint8_t* section =
+            d.raw ? payload + raw_plane_bytes(len, w, mask) : ts.shuffled.data() + uint64_t(i - first) * h.chunk_bytes;
+        const uint8_t* tail = payload + d.len - tail_bytes(len, w);
+        const uint8_t* where[kMaxWidth];
+        place_planes<const uint8_t*>(payload, ts.planes.data(), w, mask, n8, where);
+        for (uint32_t j = 0; j < popcount32(mask); ++j)
+          bit_untranspose(section + uint64_t(j) * n8, ts.planes.data() + uint64_t(j) * n8, n8);
+        uint8_t* out = half ? ts.logical.data() : dst + uint64_t(i) * h.chunk_bytes;
+        byte_untranspose(where, out, n8, w);
+        std::memcpy(out + uint64_t(n8) * w, tail, uint64_t(ne - n8) * w);
+        if (half) scatter(out, dst, uint64_t(i) * h.chunk_bytes, len);
       }
     } catch (const std::exception& e) {
       int expect = -1;

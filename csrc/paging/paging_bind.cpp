@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "paging/blob_hd.h"
+#include "paging/crc32c.h"
 #ifdef FORGE_RT_HAS_NVCOMP
 #include "paging/bitshuffle.h"
 #include "paging/codec.h"
@@ -46,8 +47,10 @@ void register_paging(py::module_& m) {
   p.attr("TABLE_BYTES_PER_CHUNK") = sizeof(ChunkEntry);
   p.attr("HEADER_BYTES") = sizeof(BlobHeader);
   p.def("stored_field", &stored_field, py::arg("comp_len"), py::arg("raw_len"));
-  p.def("crc32_hd", [](uintptr_t src, uint64_t n) { return crc32_update(0, ptr<const uint8_t>(src), n); },
-        py::arg("src"), py::arg("n"), "the GPU kernels' crc32, run on the CPU");
+  p.def("crc32c_hd", [](uintptr_t src, uint64_t n) { return crc32c_update(0, ptr<const uint8_t>(src), n); },
+        py::arg("src"), py::arg("n"), "the GPU kernels' bitwise CRC-32C, run on the CPU");
+  p.def("crc32c", [](uintptr_t src, uint64_t n) { return crc32c(ptr<const uint8_t>(src), n); }, py::arg("src"),
+        py::arg("n"), "the CPU codec's CRC-32C (SSE4.2 / ARMv8 CRC instructions where present)");
   p.def("compact_reference", &compact_reference, py::arg("slots"), py::arg("stored"), py::arg("slot_bytes"),
         py::arg("blob"), py::arg("lanes"),
         "plan offsets and copy chunk payloads with the CUDA kernel's __host__ __device__ code; -> (offsets, total)");
@@ -57,10 +60,12 @@ void register_paging(py::module_& m) {
   py::class_<Codec>(p, "Codec")
       .def(py::init<int, int, uint32_t>(), py::arg("threads"), py::arg("level"), py::arg("chunk_bytes"))
       .def("compress",
-           [](Codec& c, uintptr_t src, uint64_t nbytes, uint32_t width, bool half, double min_ratio) {
-             return c.compress(ptr<const uint8_t>(src), nbytes, width, half, min_ratio);
+           [](Codec& c, uintptr_t src, uint64_t nbytes, uint32_t width, bool half, double min_ratio,
+              uint32_t lz4_planes) {
+             return c.compress(ptr<const uint8_t>(src), nbytes, width, half, min_ratio, lz4_planes);
            },
            py::arg("src"), py::arg("nbytes"), py::arg("width"), py::arg("half"), py::arg("min_ratio"),
+           py::arg("lz4_planes") = 0,
            py::call_guard<py::gil_scoped_release>())
       .def("take", [](Codec& c, uintptr_t dst) { c.take(ptr<uint8_t>(dst)); },
            py::call_guard<py::gil_scoped_release>())
@@ -70,6 +75,7 @@ void register_paging(py::module_& m) {
            py::arg("blob"), py::arg("blob_bytes"), py::arg("dst"), py::arg("nbytes"), py::arg("width"), py::arg("half"),
            py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("slot_bytes", &Codec::slot_bytes)
+      .def_property_readonly("lz4_planes", &Codec::lz4_planes)
       .def("last_slots", [](const Codec& c) {
         return py::bytes(reinterpret_cast<const char*>(c.slots().data()), c.slots().size());
       })

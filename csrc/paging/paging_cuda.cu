@@ -86,7 +86,7 @@ __global__ void plan(Scratch s, uint32_t n, uint64_t nbytes, uint32_t width, uin
   for (uint32_t k = 0; k < sizeof(h); ++k) blob[k] = hp[k];
 }
 
-// One block per chunk: copy the payload (LZ4 slot, or the input chunk when stored raw), then crc32.
+// One block per chunk: copy the payload (LZ4 slot, or the input chunk when stored raw), then CRC-32C.
 __global__ void compact(Scratch s, const uint8_t* src, uint32_t chunk_bytes, uint8_t* blob) {
   const uint32_t i = blockIdx.x;
   ChunkDesc d = describe_chunk(i, s.entries, s.offsets, s.slot_bytes);
@@ -98,7 +98,7 @@ __global__ void compact(Scratch s, const uint8_t* src, uint32_t chunk_bytes, uin
   copy_lane(blob, from, d, threadIdx.x, blockDim.x);
   __syncthreads();
   if (threadIdx.x == 0) {
-    s.entries[i].crc = crc32_update(0, blob + d.dst, d.len);
+    s.entries[i].crc = crc32c_update(0, blob + d.dst, d.len);
     const uint8_t* ep = reinterpret_cast<const uint8_t*>(&s.entries[i]);
     uint8_t* table = blob + sizeof(BlobHeader) + uint64_t(i) * sizeof(ChunkEntry);
     for (uint32_t k = 0; k < sizeof(ChunkEntry); ++k) table[k] = ep[k];
@@ -122,7 +122,7 @@ __global__ void unpack_chunks(const uint8_t* blob, uint64_t nbytes, uint32_t chu
   const uint32_t len = payload_len(entries[i].stored);
   const bool raw = entries[i].stored & kRawFlag;
   if (threadIdx.x == 0) {
-    if (crc32_update(0, blob + at, len) != entries[i].crc) atomicCAS(bad, -1, int(i));
+    if (crc32c_update(0, blob + at, len) != entries[i].crc) atomicCAS(bad, -1, int(i));
     s.in[i] = raw ? static_cast<const void*>(kEmptyBlock) : blob + at;
     s.in_bytes[i] = raw ? 1 : len;
     s.out[i] = dst + uint64_t(i) * chunk_bytes;

@@ -219,7 +219,7 @@ class Pager:
             if rec is None or rec.blob is None:
                 continue
             self._queued_bytes += rec.resident_bytes()
-            self._writer.submit(rec, lambda r=rec: _bytes_of(r))
+            self._writer.submit(rec, lambda r=rec: _bytes_of(r), checksum=rec.raw)
         # Backpressure: do not let unwritten blobs grow past the budget again.
         while self._queued_bytes > max(self.budget_bytes, 16 * 2**20) and self._error is None:
             self._drained.wait(timeout=1.0)

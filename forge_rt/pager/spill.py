@@ -28,7 +28,8 @@ _FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 class Extent:
     offset: int
     length: int
-    crc: int  # crc32 of the bytes as written, checked again after reading
+    crc: int | None  # crc32 of the bytes as written, checked after reading; None for codec blobs,
+                     # whose per-chunk CRC-32C the decoder checks anyway
 
 
 class _Extents:
@@ -119,7 +120,7 @@ class SpillFile:
         return self._extents.size
 
     # -- I/O ---------------------------------------------------------------------------------
-    def write(self, data: torch.Tensor) -> Extent:
+    def write(self, data: torch.Tensor, checksum: bool = True) -> Extent:
         """Writes a contiguous uint8 tensor; raises PagingError if the disk fills."""
         buf = memoryview(data.numpy())
         off = self.allocate(len(buf))
@@ -132,7 +133,7 @@ class SpillFile:
             if exc.errno in _FULL:
                 raise PagingError(_full_message("writing a spilled tensor", self.directory, exc)) from None
             raise PagingError(f"writing the spill file in {self.directory!r} failed: {exc.strerror}") from None
-        return Extent(off, len(buf), zlib.crc32(buf))
+        return Extent(off, len(buf), zlib.crc32(buf) if checksum else None)
 
     def read(self, extent: Extent, name: str) -> torch.Tensor:
         out = torch.empty(extent.length, dtype=torch.uint8)
@@ -145,7 +146,7 @@ class SpillFile:
                                   f"{extent.offset}..{extent.offset + extent.length} but the file ends at "
                                   f"{os.fstat(self.fd).st_size}. Something else shrank the file; rerun the step.")
             got += n
-        if zlib.crc32(buf) != extent.crc:
+        if extent.crc is not None and zlib.crc32(buf) != extent.crc:
             raise PagingError(f"paged tensor {name} read back from spill file {self.path!r} fails its crc32 check; "
                               "the disk returned different bytes than were written. Rerun the step.")
         return out
@@ -165,18 +166,18 @@ class Writer(threading.Thread):
         self.jobs: queue.Queue = queue.Queue()
         self.seconds = 0.0
 
-    def submit(self, job, data_fn) -> None:
-        self.jobs.put((job, data_fn))
+    def submit(self, job, data_fn, checksum: bool = True) -> None:
+        self.jobs.put((job, data_fn, checksum))
 
     def run(self) -> None:
         while True:
             item = self.jobs.get()
             if item is None:
                 return
-            job, data_fn = item
+            job, data_fn, checksum = item
             t0 = time.perf_counter()
             try:
-                extent, error = self.spill.write(data_fn()), None
+                extent, error = self.spill.write(data_fn(), checksum), None
             except PagingError as exc:
                 extent, error = None, exc
             self.seconds += time.perf_counter() - t0

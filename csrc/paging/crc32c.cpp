@@ -1,0 +1,53 @@
+#include "paging/crc32c.h"
+
+#include <array>
+#include <cstring>
+#if defined(__SSE4_2__)
+#include <nmmintrin.h>
+#elif defined(__ARM_FEATURE_CRC32)
+#include <arm_acle.h>
+#endif
+
+namespace forge_paging {
+namespace {
+
+[[maybe_unused]] const std::array<uint32_t, 256>& table() {
+  static const std::array<uint32_t, 256> t = [] {
+    std::array<uint32_t, 256> a{};
+    for (uint32_t i = 0; i < 256; ++i) {
+      uint32_t c = i;
+      for (int b = 0; b < 8; ++b) c = (c >> 1) ^ (0x82F63B78u & (0u - (c & 1u)));
+      a[i] = c;
+    }
+    return a;
+  }();
+  return t;
+}
+
+}  // namespace
+
+uint32_t crc32c(const uint8_t* p, size_t n, uint32_t crc) {
+  uint64_t c = ~crc;
+  size_t i = 0;
+#if defined(__SSE4_2__)
+  for (; i + 8 <= n; i += 8) {
+    uint64_t v;
+    std::memcpy(&v, p + i, 8);
+    c = _mm_crc32_u64(c, v);
+  }
+  for (; i < n; ++i) c = _mm_crc32_u8(uint32_t(c), p[i]);
+#elif defined(__ARM_FEATURE_CRC32)
+  for (; i + 8 <= n; i += 8) {
+    uint64_t v;
+    std::memcpy(&v, p + i, 8);
+    c = __crc32cd(uint32_t(c), v);
+  }
+  for (; i < n; ++i) c = __crc32cb(uint32_t(c), p[i]);
+#else
+  const auto& t = table();
+  for (; i < n; ++i) c = t[(c ^ p[i]) & 0xFFu] ^ (uint32_t(c) >> 8);
+#endif
+  return ~uint32_t(c);
+}
+
+}  // namespace forge_paging
