@@ -89,7 +89,7 @@ def ratio_and_speed(dtype, layers, batch, tokens):
         t0 = time.perf_counter()
         enc = codec.encode(t.view(-1))
         t1 = time.perf_counter()
-        codec.decode(enc.blob, out, enc.half, "bench")
+        codec.decode(enc.pieces, out, enc.half, "bench")
         t2 = time.perf_counter()
         dst.copy_(t)
         t3 = time.perf_counter()
@@ -99,9 +99,9 @@ def ratio_and_speed(dtype, layers, batch, tokens):
         comp_s += t1 - t0
         dec_s += t2 - t1
         p = plain_lz4_bytes(t)
-        raw, ours, plain = raw + n, ours + enc.blob.numel(), plain + p
+        raw, ours, plain = raw + n, ours + enc.nbytes, plain + p
         d = by_dtype.setdefault(str(t.dtype)[6:], [0, 0, 0])
-        d[0] += n; d[1] += enc.blob.numel(); d[2] += p
+        d[0] += n; d[1] += enc.nbytes; d[2] += p
     return dict(model=f"{str(dtype)[6:]} ({layers or 30} layers)", saved_mb=raw / 2**20, ratio=raw / ours,
                 plain_lz4_ratio=raw / plain, by_dtype={k: dict(mb=v[0] / 2**20, ratio=v[0] / v[1], plain=v[0] / v[2])
                                                        for k, v in by_dtype.items()},

@@ -84,16 +84,16 @@ def test_round_trip_every_dtype(dtype, kind, numel):
     t = make(kind, dtype, numel)
     enc = codec.encode(t)
     out = torch.empty_like(t)
-    codec.decode(enc.blob, out, enc.half, "t")
+    codec.decode(enc.pieces, out, enc.half, "t")
     assert torch.equal(bits(out), bits(t))
 
 
 def test_bf16_values_in_fp32_are_halved():
     t = torch.randn(200_000).bfloat16().float()
     enc = TensorCodec().encode(t)
-    assert enc.half and enc.blob.numel() < t.numel() * 2  # below bf16 size, not just fp32/2
+    assert enc.half and enc.nbytes < t.numel() * 2  # below bf16 size, not just fp32/2
     out = torch.empty_like(t)
-    TensorCodec().decode(enc.blob, out, enc.half, "t")
+    TensorCodec().decode(enc.pieces, out, enc.half, "t")
     assert torch.equal(out.view(torch.int32), t.view(torch.int32))
     t[12345] = 1.0000001  # one element with low bits set: no halving
     assert not TensorCodec(min_ratio=0.0).encode(t).half
@@ -136,7 +136,7 @@ def test_blob_decodes_with_reference_lz4(dtype, kind, numel):
     """Walk the blob in Python and decode every LZ4 section with python-lz4 (not nvCOMP)."""
     t = make(kind, dtype, numel)
     enc = TensorCodec(min_ratio=0.0).encode(t)
-    chunk_bytes, width, logical, flags, lz4_planes, payloads = parse_blob(enc.blob.numpy().tobytes())
+    chunk_bytes, width, logical, flags, lz4_planes, payloads = parse_blob(enc.pieces[0].numpy().tobytes())
     src = t.view(torch.uint8).numpy().tobytes() if dtype != torch.bool else t.numpy().tobytes()
     assert logical == len(src) and width == t.element_size() and flags == 0 and 0 < lz4_planes < 1 << width
     n_lz4 = 0
@@ -170,7 +170,7 @@ def test_probe_sends_only_the_exponent_plane_of_activations_to_lz4(dtype, planes
     assert forced > 0 and codec.lz4_planes == (1 << t.element_size()) - 1
     enc = TensorCodec().encode(t)
     out = torch.empty_like(t)
-    TensorCodec().decode(enc.blob, out, enc.half, "t")
+    TensorCodec().decode(enc.pieces, out, enc.half, "t")
     assert torch.equal(out.view(torch.uint8), t.view(torch.uint8))
 
 
@@ -178,7 +178,7 @@ def test_raw_chunks_when_lz4_does_not_shrink():
     t = torch.randint(0, 256, (3 * CHUNK,), dtype=torch.uint8)
     t[:CHUNK] = 0
     enc = TensorCodec(min_ratio=0.0).encode(t)
-    _, _, _, _, _, payloads = parse_blob(enc.blob.numpy().tobytes())
+    _, _, _, _, _, payloads = parse_blob(enc.pieces[0].numpy().tobytes())
     assert [raw for raw, _, _ in payloads] == [False, True, True]
 
 
@@ -191,10 +191,10 @@ def test_many_groups_mix_raw_and_lz4_chunks():
                                                                dtype=torch.int32).view(torch.float32)
     codec = TensorCodec(min_ratio=0.0)
     enc = codec.encode(t)
-    _, _, _, _, _, payloads = parse_blob(enc.blob.numpy().tobytes())
+    _, _, _, _, _, payloads = parse_blob(enc.pieces[0].numpy().tobytes())
     assert [raw for raw, _, _ in payloads] == [k % 3 == 0 or k == 74 for k in range(75)]  # 74: 20 bytes, too short
     out = torch.empty_like(t)
-    codec.decode(enc.blob, out, enc.half, "t")
+    codec.decode(enc.pieces, out, enc.half, "t")
     assert torch.equal(bits(out), bits(t))
 
 
@@ -225,16 +225,34 @@ def test_corrupt_chunk_and_truncated_blob_are_detected():
     t = make("sparse", torch.float32, 4 * CHUNK)
     enc = codec.encode(t)
     out = torch.empty_like(t)
-    _, _, _, _, _, payloads = parse_blob(enc.blob.numpy().tobytes())
+    _, _, _, _, _, payloads = parse_blob(enc.pieces[0].numpy().tobytes())
     at = P.HEADER_BYTES + 8 * len(payloads) + len(payloads[0][1]) + len(payloads[1][1]) + len(payloads[2][1]) // 2
-    bad = enc.blob.clone()
+    bad = enc.pieces[0].clone()
     bad[at] ^= 0x40
     with pytest.raises(PagingError, match=r"tensor layer3\.act .*chunk 2 .*CRC-32C"):
-        codec.decode(bad, out, enc.half, "layer3.act")
+        codec.decode([bad], out, enc.half, "layer3.act")
     with pytest.raises(PagingError, match="truncated"):
-        codec.decode(enc.blob[:-5], out, enc.half, "layer3.act")
+        codec.decode([enc.pieces[0][:-5]], out, enc.half, "layer3.act")
     with pytest.raises(PagingError, match="not a forge_rt blob"):
-        codec.decode(torch.zeros(64, dtype=torch.uint8), out, enc.half, "layer3.act")
+        codec.decode([torch.zeros(64, dtype=torch.uint8)], out, enc.half, "layer3.act")
+    with pytest.raises(PagingError, match="2 stored pieces where its size needs 1"):
+        codec.decode(enc.pieces * 2, out, enc.half, "layer3.act")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.bool])
+def test_big_tensors_are_encoded_in_pieces(dtype):
+    """A tensor over piece_bytes becomes several independent blobs (3.5 pieces here), each checked on restore."""
+    codec = TensorCodec(min_ratio=0.0, piece_bytes=CHUNK * 4)
+    t = make("sparse", dtype, 7 * CHUNK * 2 // dtype.itemsize + 3)
+    enc = codec.encode(t)
+    assert len(enc.pieces) == 4
+    out = torch.empty_like(t)
+    codec.decode(enc.pieces, out, enc.half, "big")
+    assert torch.equal(bits(out), bits(t))
+    bad = [p.clone() for p in enc.pieces]
+    bad[2][-1] ^= 1
+    with pytest.raises(PagingError, match=r"tensor big failed its integrity check on restore \(piece 2 of 4\)"):
+        codec.decode(bad, out, enc.half, "big")
 
 
 def test_crc32c_hardware_and_gpu_bitwise_agree_with_the_standard():

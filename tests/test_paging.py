@@ -106,7 +106,7 @@ def test_every_dtype_and_layout_round_trips(tmp_path, spill):
     extra = saved_tensors()
     x = torch.randn(8, requires_grad=True)
     kw = dict(budget_bytes=0, spill_dir=tmp_path) if spill else {}
-    with forge_rt.paging(**kw) as pager:
+    with forge_rt.paging(min_bytes=4096, **kw) as pager:
         y = SaveAll.apply(x, *extra)
         y.sum().backward()
         s = pager.stats()

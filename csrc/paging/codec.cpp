@@ -43,10 +43,13 @@ ThreadState& state() {
 }
 
 // Chunks per nvCOMP call: each manager call costs tens of microseconds (more than LZ4 on a 64 KiB chunk),
-// so one batched call per group amortizes it; groups also spread a tensor over the pool's threads.
+// so one batched call per group amortizes it. Groups come in a multiple of the thread count so no
+// thread idles at the end (96 chunks as 32+32+32 on 2 threads would take 2/3 longer than 4 x 24).
 uint32_t group_size(uint32_t n_chunks, int threads) {
-  const uint32_t even = (n_chunks + uint32_t(threads) - 1) / uint32_t(threads);
-  return std::max(1u, std::min(kGroupChunks, even));
+  const uint32_t t = uint32_t(threads);
+  if (n_chunks == 0) return 1;
+  const uint32_t groups = t * ((n_chunks + t * kGroupChunks - 1) / (t * kGroupChunks));
+  return std::max(1u, (n_chunks + groups - 1) / groups);
 }
 
 void check_status(const nvcompStatus_t* st, const char* what) {
@@ -90,8 +93,11 @@ Codec::Codec(int threads, int level, uint32_t chunk_bytes)
     : level_(level), chunk_bytes_(chunk_bytes), pool_(threads) {
   if (chunk_bytes == 0 || chunk_bytes % 64 != 0) throw CodecError("chunk_bytes must be a positive multiple of 64");
   // A slot holds the raw section plus LZ4 of the rest; the whole chunk plus LZ4's bound covers both.
+  // A slot holds [raw planes][LZ4 of the rest][tail]. nvCOMP's HLIF bound is the same for any input
+  // up to a chunk, so the slot is a chunk (raw planes + tail) plus that bound; 64-byte slots keep
+  // nvCOMP's outputs 8-byte aligned.
   const uint64_t bound = state().get(chunk_bytes_, level_).configure_compression(chunk_bytes_).max_compressed_buffer_size;
-  slot_bytes_ = (chunk_bytes_ + bound + 63) / 64 * 64;  // nvCOMP wants 8-byte aligned outputs
+  slot_bytes_ = (chunk_bytes_ + bound + 63) / 64 * 64;
 }
 
 // LZ4s each byte plane of chunk `chunk` on its own and returns the mask of planes that shrink to
@@ -150,7 +156,6 @@ uint64_t Codec::compress(const uint8_t* src, uint64_t nbytes, uint32_t width, bo
   if (mask == 0) mask = probe_planes(src, n / 2, logical, w, half, min_ratio);
   if (mask == 0) return 0;
   header_.lz4_planes = mask;
-
   std::atomic<int> failed{-1};
   std::string why;
   // One group of chunks: raw planes straight into their slots, the others bit-shuffled into the
@@ -219,6 +224,17 @@ uint64_t Codec::compress(const uint8_t* src, uint64_t nbytes, uint32_t width, bo
     throw CodecError("nvCOMP LZ4 compress failed on chunk " + std::to_string(failed.load()) + ": " + why);
   blob_bytes_ = plan_offsets(entries_.data(), n, offsets_.data());
   return blob_bytes_;
+}
+
+uint32_t Codec::probe(const uint8_t* src, uint64_t nbytes, uint32_t width, bool half, double min_ratio) {
+  const uint64_t logical = half ? nbytes / 2 : nbytes;
+  const uint32_t w = half ? 2 : width;
+  const uint32_t n = n_chunks_for(logical, chunk_bytes_);
+  if (w == 0 || w > kMaxWidth || chunk_bytes_ % w != 0)
+    throw CodecError("element width " + std::to_string(w) + " is not supported (1..16 bytes dividing the chunk)");
+  if (n == 0) return (1u << w) - 1;
+  slots_.resize(std::max<uint64_t>(slots_.size(), uint64_t(w) * slot_bytes_));
+  return probe_planes(src, n / 2, logical, w, half, min_ratio);
 }
 
 void Codec::take(uint8_t* dst) {

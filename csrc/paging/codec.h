@@ -21,7 +21,7 @@ struct CodecError : std::runtime_error {
 
 class Codec {
  public:
-  static constexpr uint64_t kKeepScratchBytes = 16ull << 20;
+  static constexpr uint64_t kKeepScratchBytes = 24ull << 20;  // an 8 MiB piece's slots
   // A byte plane goes through LZ4 when the probe chunk's LZ4 output of it is at most this fraction.
   static constexpr double kPlaneKeep = 0.9;
   Codec(int threads, int level, uint32_t chunk_bytes);
@@ -31,6 +31,8 @@ class Codec {
   // lz4_planes: a mask of byte planes to LZ4, or 0 to let the probe choose.
   uint64_t compress(const uint8_t* src, uint64_t nbytes, uint32_t width, bool half, double min_ratio,
                     uint32_t lz4_planes = 0);
+  // The mask of byte planes worth LZ4 for data like the middle chunk at src (0: not worth compressing).
+  uint32_t probe(const uint8_t* src, uint64_t nbytes, uint32_t width, bool half, double min_ratio);
   void take(uint8_t* dst);
   // Restores nbytes into dst; throws CodecError naming the chunk on any mismatch.
   void decompress(const uint8_t* blob, uint64_t blob_bytes, uint8_t* dst, uint64_t nbytes, uint32_t width,

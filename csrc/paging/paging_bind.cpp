@@ -67,6 +67,12 @@ void register_paging(py::module_& m) {
            py::arg("src"), py::arg("nbytes"), py::arg("width"), py::arg("half"), py::arg("min_ratio"),
            py::arg("lz4_planes") = 0,
            py::call_guard<py::gil_scoped_release>())
+      .def("probe",
+           [](Codec& c, uintptr_t src, uint64_t nbytes, uint32_t width, bool half, double min_ratio) {
+             return c.probe(ptr<const uint8_t>(src), nbytes, width, half, min_ratio);
+           },
+           py::arg("src"), py::arg("nbytes"), py::arg("width"), py::arg("half"), py::arg("min_ratio"),
+           py::call_guard<py::gil_scoped_release>())
       .def("take", [](Codec& c, uintptr_t dst) { c.take(ptr<uint8_t>(dst)); },
            py::call_guard<py::gil_scoped_release>())
       .def("decompress",

@@ -120,20 +120,29 @@ class SpillFile:
         return self._extents.size
 
     # -- I/O ---------------------------------------------------------------------------------
-    def write(self, data: torch.Tensor, checksum: bool = True) -> Extent:
-        """Writes a contiguous uint8 tensor; raises PagingError if the disk fills."""
-        buf = memoryview(data.numpy())
-        off = self.allocate(len(buf))
+    def write(self, pieces: list[torch.Tensor], checksum: bool = True) -> Extent:
+        """Writes contiguous uint8 tensors back to back as one extent; raises PagingError if the disk fills."""
+        bufs = [memoryview(p.numpy()) for p in pieces]
+        total = sum(len(b) for b in bufs)
+        off = self.allocate(total)
         try:
-            done = 0
-            while done < len(buf):
-                done += os.pwrite(self.fd, buf[done:], off + done)
+            at = off
+            for buf in bufs:
+                done = 0
+                while done < len(buf):
+                    done += os.pwrite(self.fd, buf[done:], at + done)
+                at += len(buf)
         except OSError as exc:
-            self.release(Extent(off, len(buf), 0))
+            self.release(Extent(off, total, 0))
             if exc.errno in _FULL:
                 raise PagingError(_full_message("writing a spilled tensor", self.directory, exc)) from None
             raise PagingError(f"writing the spill file in {self.directory!r} failed: {exc.strerror}") from None
-        return Extent(off, len(buf), zlib.crc32(buf) if checksum else None)
+        crc = None
+        if checksum:
+            crc = 0
+            for buf in bufs:
+                crc = zlib.crc32(buf, crc)
+        return Extent(off, total, crc)
 
     def read(self, extent: Extent, name: str) -> torch.Tensor:
         out = torch.empty(extent.length, dtype=torch.uint8)
