@@ -5,8 +5,9 @@
 1. compression ratio of everything a LoRA step saves for backward: forge_rt's codec (bit-shuffle,
    bf16-in-fp32 halving, nvCOMP LZ4) vs plain LZ4 (python-lz4, 64 KiB blocks), fp32 and bf16 models;
 2. codec GB/s (compress, decompress) on those activations vs memcpy of the same bytes;
-3. peak RSS during one training step and its time: paging off, compress-only, spill (budget), and
-   torch.autograd.graph.save_on_cpu; each in its own process so peaks do not mix.
+3. peak RSS and time of training steps (the first, cold, and the later ones): paging off, compress-only,
+   spill (budget; with and without handing freed heap back), and torch.autograd.graph.save_on_cpu;
+   each mode in its own process so peaks do not mix.
 Prints markdown tables; --json PATH also writes the numbers.
 """
 from __future__ import annotations
@@ -113,9 +114,10 @@ def rss_bytes():
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def one_step(mode, batch, tokens, budget_mb, layers):
-    """Runs in a child process: one warm-up-free training step under `mode`; prints JSON."""
+def one_step(mode, batch, tokens, budget_mb, layers, steps):
+    """Runs in a child process: `steps` training steps under `mode` (the first one cold); prints JSON."""
     import forge_rt
+    torch.set_num_threads(2)
     model, tok = lora_model(torch.float32, layers)
     ids = prose_ids(tok, batch, tokens)
     peak, stop = [0], threading.Event()
@@ -128,24 +130,31 @@ def one_step(mode, batch, tokens, budget_mb, layers):
     spill_dir = tempfile.mkdtemp(prefix="forge_rt-bench-")
     ctx = {"off": None, "compress": lambda: forge_rt.paging(),
            "spill": lambda: forge_rt.paging(budget_bytes=budget_mb << 20, spill_dir=spill_dir),
+           "spill_keep_heap": lambda: forge_rt.paging(budget_bytes=budget_mb << 20, spill_dir=spill_dir,
+                                                      release_memory=False),
            "save_on_cpu": lambda: torch.autograd.graph.save_on_cpu()}[mode]
     before = rss_bytes()
     th = threading.Thread(target=sample, daemon=True)
     th.start()
-    t0 = time.perf_counter()
-    pager = None
-    if ctx is None:
-        model(input_ids=ids, labels=ids).loss.backward()
-    else:
-        with ctx() as pager:
+    times, peaks, stats = [], [], {}
+    for _ in range(steps):
+        peak[0] = 0
+        t0 = time.perf_counter()
+        if ctx is None:
             model(input_ids=ids, labels=ids).loss.backward()
-    dt = time.perf_counter() - t0
+        else:
+            with ctx() as pager:
+                model(input_ids=ids, labels=ids).loss.backward()
+            stats = pager.stats() if hasattr(pager, "stats") else {}
+        times.append(time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
+        peaks.append(max(peak[0], rss_bytes()) / 2**20)
     stop.set()
     th.join()
-    stats = pager.stats() if hasattr(pager, "stats") else {}
-    print(json.dumps(dict(mode=mode, step_s=dt, rss_before_mb=before / 2**20, peak_rss_mb=peak[0] / 2**20,
+    print(json.dumps(dict(mode=mode, step_s=times, rss_before_mb=before / 2**20, peak_rss_mb=peaks,
                           spilled_mb=stats.get("bytes_spilled", 0) / 2**20, ratio=stats.get("ratio"),
-                          stall_s=stats.get("stall_s"), codec_s=stats.get("codec_s"))))
+                          stall_s=stats.get("stall_s"), codec_s=stats.get("codec_s"),
+                          heap_trims=stats.get("heap_trims"))))
 
 
 def main():
@@ -155,12 +164,13 @@ def main():
     ap.add_argument("--bf16-layers", type=int, default=8)
     ap.add_argument("--step-layers", type=int, default=None, help="cut the fp32 model for the step timing")
     ap.add_argument("--budget-mb", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--skip", nargs="*", default=[], choices=["ratio", "step"])
     ap.add_argument("--json")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        return one_step(a.child, a.batch, a.tokens, a.budget_mb, a.step_layers)
+        return one_step(a.child, a.batch, a.tokens, a.budget_mb, a.step_layers, a.steps)
     torch.set_num_threads(2)
     result = {"cmd": " ".join(sys.argv)}
     if "ratio" not in a.skip:
@@ -177,9 +187,10 @@ def main():
                   f"{r['compress_gbs']:.2f} | {r['decompress_gbs']:.2f} | {r['memcpy_gbs']:.2f} |")
     if "step" not in a.skip:
         rows = []
-        for mode in ("off", "compress", "spill", "save_on_cpu"):
+        for mode in ("off", "compress", "spill", "spill_keep_heap", "save_on_cpu"):
             cmd = [sys.executable, __file__, "--child", mode, "--batch", str(a.batch), "--tokens", str(a.tokens),
-                   "--budget-mb", str(a.budget_mb)] + (["--step-layers", str(a.step_layers)] if a.step_layers else [])
+                   "--budget-mb", str(a.budget_mb), "--steps", str(a.steps)] + (
+                   ["--step-layers", str(a.step_layers)] if a.step_layers else [])
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
                                  p for p in (os.environ.get("PYTHONPATH"), ROOT) if p)})
             line = [x for x in out.stdout.splitlines() if x.startswith("{")]
@@ -188,13 +199,15 @@ def main():
             rows.append(json.loads(line[-1]))
         result["step"] = rows
         base = rows[0]
-        print(f"\n### One LoRA training step, fp32 model, {a.batch} x {a.tokens} tokens, budget {a.budget_mb} MB\n")
-        print("| mode | step s | x off | peak RSS MB | peak over pre-step MB | x off (over pre-step) | spilled MB |")
-        print("|---|---|---|---|---|---|---|")
+        warm = lambda r: sum(r["step_s"][1:]) / max(1, len(r["step_s"]) - 1)  # noqa: E731
+        print(f"\n### LoRA training steps, fp32 model, {a.batch} x {a.tokens} tokens, budget {a.budget_mb} MB, "
+              f"{a.steps} steps per mode (the first one cold)\n")
+        print("| mode | first step s | x off | later steps s | x off | peak RSS MB | x off | spilled MB/step |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in rows:
-            grow, base_grow = r["peak_rss_mb"] - r["rss_before_mb"], base["peak_rss_mb"] - base["rss_before_mb"]
-            print(f"| {r['mode']} | {r['step_s']:.1f} | {r['step_s'] / base['step_s']:.2f} | {r['peak_rss_mb']:.0f} | "
-                  f"{grow:.0f} | {grow / base_grow:.2f} | {r['spilled_mb']:.0f} |")
+            pk, bpk = max(r["peak_rss_mb"]), max(base["peak_rss_mb"])
+            print(f"| {r['mode']} | {r['step_s'][0]:.1f} | {r['step_s'][0] / base['step_s'][0]:.2f} | {warm(r):.1f} | "
+                  f"{warm(r) / warm(base):.2f} | {pk:.0f} | {pk / bpk:.2f} | {r['spilled_mb']:.0f} |")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(result, fh, indent=1)

@@ -11,11 +11,12 @@ import weakref
 import torch
 
 from forge_rt.pager.codec import PagingError, TensorCodec
+from forge_rt.pager.heap import HeapTrimmer
 from forge_rt.pager.spill import Extent, Reader, SpillFile, Writer
 
 _COUNTERS = ("tensors", "bytes_saved", "bytes_kept", "bytes_raw", "bytes_compressed_raw", "bytes_compressed",
              "bytes_incompressible", "bytes_spilled", "bytes_read_back", "dedup_hits", "codec_s",
-             "write_s", "read_s", "stall_s")
+             "write_s", "read_s", "stall_s", "heap_trims")
 
 
 class _Record:
@@ -55,7 +56,7 @@ class Pager:
 
     def __init__(self, budget_bytes: int | None = None, spill_dir: str | None = None, min_bytes: int = 262144,
                  prefetch: int = 2, level: int = 1, threads: int | None = None, min_ratio: float = 1.05,
-                 spill_reserve: int = 64 * 2**20):
+                 spill_reserve: int = 64 * 2**20, release_memory: bool | None = None):
         if budget_bytes is not None and spill_dir is None:
             raise ValueError("paging(budget_bytes=...) needs spill_dir=... for what does not fit the budget")
         if prefetch < 0:
@@ -65,6 +66,9 @@ class Pager:
         self.min_bytes = min_bytes
         self.prefetch = prefetch
         self.spill_reserve = spill_reserve
+        # With a budget, memory is the point: hand freed heap back to the OS every 128 MiB spilled.
+        self._trimmer = HeapTrimmer(128 << 20) if (budget_bytes is not None if release_memory is None
+                                                    else release_memory) else None
         self.codec = TensorCodec(threads=threads, level=level, min_ratio=min_ratio)
         self.steps: list[dict] = []
         self._totals = dict.fromkeys(_COUNTERS, 0)
@@ -113,6 +117,7 @@ class Pager:
             s = dict(self._totals)
             s["write_s"] = self._writer.seconds if self._writer else 0.0
             s["read_s"] = self._reader.seconds if self._reader else 0.0
+            s["heap_trims"] = self._trimmer.calls if self._trimmer else 0
             s["ratio"] = s["bytes_compressed_raw"] / s["bytes_compressed"] if s["bytes_compressed"] else 1.0
             s["resident_bytes"] = self._resident_bytes
             s["peak_resident_bytes"] = self._peak_resident
@@ -245,6 +250,8 @@ class Pager:
                 bisect.insort(self._spilled, rec.key)
                 self._totals["bytes_spilled"] += extent.length
             self._drained.notify_all()
+        if self._trimmer is not None and error is None:
+            self._trimmer.released(n)  # on the writer thread, outside the lock: the blob is gone by now
 
     def _read_back(self, rec: _Record) -> torch.Tensor:
         if self._spill is None or self._spill.fd < 0:

@@ -1,0 +1,47 @@
+"""Gives freed heap memory back to the OS while spilling.
+
+glibc keeps memory that autograd frees in the middle of its heap: with activations compressed and
+spilled as the forward goes, a SmolLM2 step ended its forward with 1247 MiB of RSS over the start
+of which 311 MiB were live (`malloc_trim(0)` measured the rest). Trimming after every so many
+spilled bytes keeps RSS near what is live, at the price of page faults when the memory is reused
+(about 1.3 GB/s here). Only glibc has malloc_trim; elsewhere this is a no-op.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import time
+
+
+def _load_trim():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_TRIM = _load_trim()
+
+
+class HeapTrimmer:
+    """Calls malloc_trim(0) once `every_bytes` have been released since the last call."""
+
+    def __init__(self, every_bytes: int):
+        self.every_bytes = every_bytes
+        self.available = _TRIM is not None
+        self.calls = 0
+        self.seconds = 0.0
+        self._pending = 0
+
+    def released(self, nbytes: int) -> None:
+        self._pending += nbytes
+        if self._pending < self.every_bytes or not self.available:
+            return
+        self._pending = 0
+        t0 = time.perf_counter()
+        _TRIM(0)  # ctypes drops the GIL for the call
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
