@@ -16,6 +16,7 @@ import argparse
 import inspect
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -164,7 +165,7 @@ def main():
     ap.add_argument("--bf16-layers", type=int, default=8)
     ap.add_argument("--step-layers", type=int, default=None, help="cut the fp32 model for the step timing")
     ap.add_argument("--budget-mb", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--skip", nargs="*", default=[], choices=["ratio", "step"])
     ap.add_argument("--json")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -187,7 +188,7 @@ def main():
                   f"{r['compress_gbs']:.2f} | {r['decompress_gbs']:.2f} | {r['memcpy_gbs']:.2f} |")
     if "step" not in a.skip:
         rows = []
-        for mode in ("off", "compress", "spill", "spill_keep_heap", "save_on_cpu"):
+        for mode in ("off", "compress", "spill", "spill_keep_heap", "save_on_cpu", "off"):  # off twice: drift
             cmd = [sys.executable, __file__, "--child", mode, "--batch", str(a.batch), "--tokens", str(a.tokens),
                    "--budget-mb", str(a.budget_mb), "--steps", str(a.steps)] + (
                    ["--step-layers", str(a.step_layers)] if a.step_layers else [])
@@ -199,10 +200,10 @@ def main():
             rows.append(json.loads(line[-1]))
         result["step"] = rows
         base = rows[0]
-        warm = lambda r: sum(r["step_s"][1:]) / max(1, len(r["step_s"]) - 1)  # noqa: E731
+        warm = lambda r: statistics.median(r["step_s"][1:] or r["step_s"])  # noqa: E731
         print(f"\n### LoRA training steps, fp32 model, {a.batch} x {a.tokens} tokens, budget {a.budget_mb} MB, "
               f"{a.steps} steps per mode (the first one cold)\n")
-        print("| mode | first step s | x off | later steps s | x off | peak RSS MB | x off | spilled MB/step |")
+        print("| mode | first step s | x off | later steps s (median) | x off | peak RSS MB | x off | spilled MB/step |")
         print("|---|---|---|---|---|---|---|---|")
         for r in rows:
             pk, bpk = max(r["peak_rss_mb"]), max(base["peak_rss_mb"])

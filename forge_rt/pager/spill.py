@@ -68,8 +68,24 @@ def _full_message(where: str, directory: str, exc: OSError) -> str:
             "Free space there, point spill_dir at a larger disk, or raise budget_bytes so less spills.")
 
 
+_ALIGN = 4096  # O_DIRECT: offsets, lengths and buffer addresses in multiples of this
+_BOUNCE = 8 << 20
+
+
+def _aligned(nbytes: int) -> torch.Tensor:
+    """An uninitialised uint8 tensor of nbytes whose first byte sits on an _ALIGN boundary."""
+    raw = torch.empty(nbytes + _ALIGN, dtype=torch.uint8)
+    start = -raw.data_ptr() % _ALIGN
+    return raw[start:start + nbytes]
+
+
 class SpillFile:
-    def __init__(self, directory: str, reserve_bytes: int):
+    """The spill file. With `direct` (where the filesystem allows it) it is opened with O_DIRECT:
+    spilled bytes bypass the page cache, which otherwise keeps them in RAM until the kernel needs
+    it back (on a Jetson that RAM is the GPU's). Without memory pressure buffered I/O is faster:
+    a SmolLM2 spill step read 1.2 GB back in 0.3 s from the page cache, 1.7-2.3 s with O_DIRECT."""
+
+    def __init__(self, directory: str, reserve_bytes: int, direct: bool = False):
         directory = os.fspath(directory)
         if not os.path.isdir(directory):
             raise PagingError(f"spill_dir {directory!r} does not exist; create it or pass another directory")
@@ -78,7 +94,17 @@ class SpillFile:
         except OSError as exc:
             raise PagingError(f"spill_dir {directory!r} is not writable ({exc.strerror}); fix its permissions "
                               "or pass another directory") from None
+        self.direct = False
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_DIRECT)
+            except OSError:  # tmpfs and some network filesystems refuse O_DIRECT: stay buffered
+                pass
+            else:
+                os.close(self.fd)
+                self.fd, self.direct = fd, True
         os.unlink(self.path)
+        self._bounce = _aligned(_BOUNCE) if self.direct else None
         free = shutil.disk_usage(directory).free
         if free < reserve_bytes:
             os.close(self.fd)
@@ -95,6 +121,7 @@ class SpillFile:
 
     # -- space -------------------------------------------------------------------------------
     def _grow(self, new_size: int) -> None:
+        new_size = -(-new_size // _ALIGN) * _ALIGN  # O_DIRECT extents start on block boundaries
         try:
             os.posix_fallocate(self.fd, 0, new_size)
         except OSError as exc:
@@ -111,9 +138,13 @@ class SpillFile:
                 off = self._extents.take(n)
             return off
 
+    def _span(self, length: int) -> int:
+        """File bytes an extent of `length` occupies (whole O_DIRECT blocks)."""
+        return -(-length // _ALIGN) * _ALIGN if self.direct else length
+
     def release(self, extent: Extent) -> None:
         with self._lock:
-            self._extents.give(extent.offset, extent.length)
+            self._extents.give(extent.offset, self._span(extent.length))
 
     @property
     def size(self) -> int:
@@ -124,14 +155,15 @@ class SpillFile:
         """Writes contiguous uint8 tensors back to back as one extent; raises PagingError if the disk fills."""
         bufs = [memoryview(p.numpy()) for p in pieces]
         total = sum(len(b) for b in bufs)
-        off = self.allocate(total)
+        off = self.allocate(self._span(total))
         try:
-            at = off
-            for buf in bufs:
-                done = 0
-                while done < len(buf):
-                    done += os.pwrite(self.fd, buf[done:], at + done)
-                at += len(buf)
+            if self.direct:
+                self._write_direct(bufs, off)
+            else:
+                at = off
+                for buf in bufs:
+                    self._pwrite_all(buf, at)
+                    at += len(buf)
         except OSError as exc:
             self.release(Extent(off, total, 0))
             if exc.errno in _FULL:
@@ -144,17 +176,44 @@ class SpillFile:
                 crc = zlib.crc32(buf, crc)
         return Extent(off, total, crc)
 
+    def _pwrite_all(self, buf: memoryview, at: int) -> None:
+        done = 0
+        while done < len(buf):
+            done += os.pwrite(self.fd, buf[done:], at + done)
+
+    def _write_direct(self, bufs: list[memoryview], at: int) -> None:
+        """Packs the pieces through the aligned bounce buffer, one whole-block write per fill."""
+        bounce = memoryview(self._bounce.numpy())
+        fill = 0
+        for buf in bufs:
+            pos = 0
+            while pos < len(buf):
+                n = min(len(buf) - pos, _BOUNCE - fill)
+                bounce[fill:fill + n] = buf[pos:pos + n]
+                fill, pos = fill + n, pos + n
+                if fill == _BOUNCE:
+                    self._pwrite_all(bounce, at)
+                    at, fill = at + _BOUNCE, 0
+        if fill:
+            span = self._span(fill)
+            bounce[fill:span] = bytes(span - fill)  # the block's tail: zeros, never read back
+            self._pwrite_all(bounce[:span], at)
+
     def read(self, extent: Extent, name: str) -> torch.Tensor:
-        out = torch.empty(extent.length, dtype=torch.uint8)
+        span = self._span(extent.length)
+        out = _aligned(span) if self.direct else torch.empty(span, dtype=torch.uint8)
         buf = memoryview(out.numpy())
         got = 0
-        while got < extent.length:
+        while got < span:
             n = os.preadv(self.fd, [buf[got:]], extent.offset + got)
             if n == 0:
-                raise PagingError(f"spill file {self.path!r} is truncated: paged tensor {name} needs bytes "
-                                  f"{extent.offset}..{extent.offset + extent.length} but the file ends at "
-                                  f"{os.fstat(self.fd).st_size}. Something else shrank the file; rerun the step.")
+                break
             got += n
+        if got < extent.length:
+            raise PagingError(f"spill file {self.path!r} is truncated: paged tensor {name} needs bytes "
+                              f"{extent.offset}..{extent.offset + extent.length} but the file ends at "
+                              f"{os.fstat(self.fd).st_size}. Something else shrank the file; rerun the step.")
+        out, buf = out[:extent.length], buf[:extent.length]
         if extent.crc is not None and zlib.crc32(buf) != extent.crc:
             raise PagingError(f"paged tensor {name} read back from spill file {self.path!r} fails its crc32 check; "
                               "the disk returned different bytes than were written. Rerun the step.")
