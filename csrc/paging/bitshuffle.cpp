@@ -8,19 +8,16 @@
 namespace forge_paging {
 namespace {
 
+// Elements [i0, n): forward moves byte b of element i to planes[b][i], Inverse moves it back.
 // W is a compile-time width for the common sizes so the compiler unrolls the inner loop.
-template <size_t W>
-void byte_transpose_w(const uint8_t* src, uint8_t* const* planes, size_t i0, size_t n, size_t width) {
+template <size_t W, bool Inverse>
+void transpose_w(uint8_t* flat, uint8_t* const* planes, size_t i0, size_t n, size_t width) {
   const size_t w = W ? W : width;
   for (size_t i = i0; i < n; ++i)
-    for (size_t b = 0; b < w; ++b) planes[b][i] = src[i * w + b];
-}
-
-template <size_t W>
-void byte_untranspose_w(const uint8_t* const* planes, uint8_t* dst, size_t i0, size_t n, size_t width) {
-  const size_t w = W ? W : width;
-  for (size_t i = i0; i < n; ++i)
-    for (size_t b = 0; b < w; ++b) dst[i * w + b] = planes[b][i];
+    for (size_t b = 0; b < w; ++b) {
+      if (Inverse) flat[i * w + b] = planes[b][i];
+      else planes[b][i] = flat[i * w + b];
+    }
 }
 
 #ifdef FORGE_RT_AVX2
@@ -150,63 +147,62 @@ size_t bits_inverse_avx2(const uint8_t* in, uint8_t* plane, size_t n) {
 
 }  // namespace
 
-void byte_transpose(const uint8_t* src, uint8_t* const* planes, size_t n, size_t width, bool simd) {
+namespace {
+
+// Both directions share one dispatch: AVX2 for widths 2 and 4, then the scalar loop for the rest.
+template <bool Inverse>
+void transpose(uint8_t* flat, uint8_t* const* planes, size_t n, size_t width, bool simd) {
   size_t i0 = 0;
   (void)simd;
   switch (width) {
-    case 1: std::memcpy(planes[0], src, n); return;
+    case 1:
+      if (Inverse) std::memcpy(flat, planes[0], n);
+      else std::memcpy(planes[0], flat, n);
+      return;
     case 2:
 #ifdef FORGE_RT_AVX2
-      if (simd) i0 = byte_transpose2_avx2(src, planes, n);
+      if (simd) i0 = Inverse ? byte_untranspose2_avx2(planes, flat, n) : byte_transpose2_avx2(flat, planes, n);
 #endif
-      return byte_transpose_w<2>(src, planes, i0, n, width);
+      return transpose_w<2, Inverse>(flat, planes, i0, n, width);
     case 4:
 #ifdef FORGE_RT_AVX2
-      if (simd) i0 = byte_transpose4_avx2(src, planes, n);
+      if (simd) i0 = Inverse ? byte_untranspose4_avx2(planes, flat, n) : byte_transpose4_avx2(flat, planes, n);
 #endif
-      return byte_transpose_w<4>(src, planes, i0, n, width);
-    case 8: return byte_transpose_w<8>(src, planes, 0, n, width);
-    default: return byte_transpose_w<0>(src, planes, 0, n, width);
+      return transpose_w<4, Inverse>(flat, planes, i0, n, width);
+    case 8: return transpose_w<8, Inverse>(flat, planes, 0, n, width);
+    default: return transpose_w<0, Inverse>(flat, planes, 0, n, width);
   }
+}
+
+}  // namespace
+
+// The shared dispatch writes through both pointer kinds; each public direction only writes its output.
+void byte_transpose(const uint8_t* src, uint8_t* const* planes, size_t n, size_t width, bool simd) {
+  transpose<false>(const_cast<uint8_t*>(src), planes, n, width, simd);
 }
 
 void byte_untranspose(const uint8_t* const* planes, uint8_t* dst, size_t n, size_t width, bool simd) {
-  size_t i0 = 0;
-  (void)simd;
-  switch (width) {
-    case 1: std::memcpy(dst, planes[0], n); return;
-    case 2:
-#ifdef FORGE_RT_AVX2
-      if (simd) i0 = byte_untranspose2_avx2(planes, dst, n);
-#endif
-      return byte_untranspose_w<2>(planes, dst, i0, n, width);
-    case 4:
-#ifdef FORGE_RT_AVX2
-      if (simd) i0 = byte_untranspose4_avx2(planes, dst, n);
-#endif
-      return byte_untranspose_w<4>(planes, dst, i0, n, width);
-    case 8: return byte_untranspose_w<8>(planes, dst, 0, n, width);
-    default: return byte_untranspose_w<0>(planes, dst, 0, n, width);
-  }
+  transpose<true>(dst, const_cast<uint8_t* const*>(planes), n, width, simd);
 }
 
-void bit_transpose(const uint8_t* plane, uint8_t* out, size_t n, bool simd) {
+namespace {
+
+template <bool Inverse>
+void bits(const uint8_t* in, uint8_t* out, size_t n, bool simd) {
   size_t g0 = 0;
 #ifdef FORGE_RT_AVX2
-  if (simd) g0 = bits_forward_avx2(plane, out, n);
+  if (simd) g0 = Inverse ? bits_inverse_avx2(in, out, n) : bits_forward_avx2(in, out, n);
 #endif
   (void)simd;
-  bits_forward_scalar(plane, out, n, g0);
+  if (Inverse) bits_inverse_scalar(in, out, n, g0);
+  else bits_forward_scalar(in, out, n, g0);
 }
 
-void bit_untranspose(const uint8_t* in, uint8_t* plane, size_t n, bool simd) {
-  size_t g0 = 0;
-#ifdef FORGE_RT_AVX2
-  if (simd) g0 = bits_inverse_avx2(in, plane, n);
-#endif
-  (void)simd;
-  bits_inverse_scalar(in, plane, n, g0);
-}
+}  // namespace
+
+void bit_transpose(const uint8_t* plane, uint8_t* out, size_t n, bool simd) { bits<false>(plane, out, n, simd); }
+
+void bit_untranspose(const uint8_t* in, uint8_t* plane, size_t n, bool simd) { bits<true>(in, plane, n, simd); }
 
 void bitshuffle(const uint8_t* src, uint8_t* dst, uint8_t* tmp, size_t n, size_t width, bool simd) {
   const size_t n8 = n - n % 8;
