@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-CONFIGS = {"default": [], "baseline": ["--no-fused", "--no-paging"]}
+CONFIGS = {"default": [], "fused_no_paging": ["--no-paging"], "baseline": ["--no-fused", "--no-paging"]}
 
 
 def run_one(name: str, flags: list[str], args, workdir: Path) -> dict:
@@ -53,10 +53,10 @@ def main() -> None:
                        "loadavg_1min_before_after": [load_before[0], os.getloadavg()[0]]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
-    print(f"{'':10s} {'step s':>8s} {'tok/s':>8s} {'peak RSS GiB':>13s}")
+    print(f"{'':16s} {'step s':>8s} {'tok/s':>8s} {'peak RSS GiB':>13s}")
     for name in CONFIGS:
         r = res[name]
-        print(f"{name:10s} {r['step_time_s']:8.2f} {r['tokens_per_s']:8.0f} {r['peak_rss_bytes'] / 2**30:13.2f}")
+        print(f"{name:16s} {r['step_time_s']:8.2f} {r['tokens_per_s']:8.0f} {r['peak_rss_bytes'] / 2**30:13.2f}")
     print(f"step-time ratio default/baseline: {res['step_time_ratio_default_over_baseline']:.2f}; "
           f"peak-memory ratio: {res['peak_rss_ratio_default_over_baseline']:.2f}  -> {args.out}")
 

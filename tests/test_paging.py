@@ -270,16 +270,17 @@ def test_stats_keys_for_the_monitor():
     assert pager.steps == [rec]
 
 
-@pytest.mark.parametrize("release", [True, False])
-def test_spilling_gives_freed_heap_back_without_changing_results(tmp_path, release):
+@pytest.mark.parametrize("release,spill", [(True, True), (False, True), (True, False), (None, False)])
+def test_freed_heap_goes_back_without_changing_results(tmp_path, release, spill):
     model = make_model()
     x = torch.randn(96, 256)
     ref = run(model, x)
-    with forge_rt.paging(budget_bytes=0, spill_dir=tmp_path, min_bytes=4096, release_memory=release) as pager:
+    kw = dict(budget_bytes=0, spill_dir=tmp_path) if spill else {}
+    with forge_rt.paging(min_bytes=4096, release_memory=release, **kw) as pager:
         if release:
-            pager._trimmer.every_bytes = 1  # trim after every write, so this small model exercises it
+            pager._trimmer.every_bytes = 1  # trim after every release, so this small model exercises it
         got = run(model, x)
         s = pager.stats()
     assert_same(ref, got)
-    assert s["bytes_spilled"] > 0
-    assert (s["heap_trims"] > 0) == release
+    assert (s["bytes_spilled"] > 0) == spill
+    assert (s["heap_trims"] > 0) == bool(release)  # default: on with a budget only

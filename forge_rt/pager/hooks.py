@@ -67,7 +67,7 @@ class Pager:
         self.prefetch = prefetch
         self.spill_reserve = spill_reserve
         self.direct_io = direct_io
-        # With a budget, memory is the point: hand freed heap back to the OS every 128 MiB spilled.
+        # With a budget, memory is the point: hand freed heap back to the OS every 128 MiB released.
         self._trimmer = HeapTrimmer(128 << 20) if (budget_bytes is not None if release_memory is None
                                                     else release_memory) else None
         self.codec = TensorCodec(threads=threads, level=level, min_ratio=min_ratio)
@@ -193,6 +193,8 @@ class Pager:
             self._resident[rec.key] = weakref.ref(rec)
             self._add_resident(size)
             self._spill_over_budget()
+        if self._trimmer is not None and self._spill is None and not rec.raw:
+            self._trimmer.released(nbytes - size)  # compress-only: the raw tensor goes as the forward moves on
         return rec
 
     def _unpack(self, rec):
@@ -305,7 +307,9 @@ def paging(budget_bytes: int | None = None, spill_dir: str | None = None, min_by
     rest in memory, and spill the oldest to `spill_dir` when the resident total passes `budget_bytes`.
 
     Other keywords (Pager): prefetch (spilled tensors read ahead of backward), release_memory (hand
-    freed heap back to the OS while spilling; on by default with a budget), direct_io (O_DIRECT
+    freed heap back to the OS every 128 MiB spilled or saved by compression; on by default with a
+    budget, where SmolLM2's peak RSS went 0.87x -> 0.57x of paging off; compress-only it gave
+    0.97x -> 0.87x for ~8% more step time, so it is opt-in there), direct_io (O_DIRECT
     spill file, for machines where the page cache must not hold spilled bytes), threads, level,
     min_ratio.
 
