@@ -11,7 +11,7 @@
 namespace forge_paging {
 namespace {
 
-[[maybe_unused]] const std::array<uint32_t, 256>& table() {
+const std::array<uint32_t, 256>& table() {
   static const std::array<uint32_t, 256> t = [] {
     std::array<uint32_t, 256> a{};
     for (uint32_t i = 0; i < 256; ++i) {
@@ -27,27 +27,36 @@ namespace {
 }  // namespace
 
 uint32_t crc32c(const uint8_t* p, size_t n, uint32_t crc) {
+#if defined(__SSE4_2__) || defined(__ARM_FEATURE_CRC32)
   uint64_t c = ~crc;
   size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    uint64_t v;
+    std::memcpy(&v, p + i, 8);
 #if defined(__SSE4_2__)
-  for (; i + 8 <= n; i += 8) {
-    uint64_t v;
-    std::memcpy(&v, p + i, 8);
     c = _mm_crc32_u64(c, v);
-  }
-  for (; i < n; ++i) c = _mm_crc32_u8(uint32_t(c), p[i]);
-#elif defined(__ARM_FEATURE_CRC32)
-  for (; i + 8 <= n; i += 8) {
-    uint64_t v;
-    std::memcpy(&v, p + i, 8);
-    c = __crc32cd(uint32_t(c), v);
-  }
-  for (; i < n; ++i) c = __crc32cb(uint32_t(c), p[i]);
 #else
-  const auto& t = table();
-  for (; i < n; ++i) c = t[(c ^ p[i]) & 0xFFu] ^ (uint32_t(c) >> 8);
+    c = __crc32cd(uint32_t(c), v);
 #endif
+  }
+  for (; i < n; ++i) {
+#if defined(__SSE4_2__)
+    c = _mm_crc32_u8(uint32_t(c), p[i]);
+#else
+    c = __crc32cb(uint32_t(c), p[i]);
+#endif
+  }
   return ~uint32_t(c);
+#else
+  return crc32c_table(p, n, crc);
+#endif
+}
+
+uint32_t crc32c_table(const uint8_t* p, size_t n, uint32_t crc) {
+  const auto& t = table();
+  uint32_t c = ~crc;
+  for (size_t i = 0; i < n; ++i) c = t[(c ^ p[i]) & 0xFFu] ^ (c >> 8);
+  return ~c;
 }
 
 }  // namespace forge_paging

@@ -7,5 +7,7 @@
 namespace forge_paging {
 
 uint32_t crc32c(const uint8_t* p, size_t n, uint32_t crc = 0);
+// The byte-table version crc32c() falls back to where the build has no CRC instructions.
+uint32_t crc32c_table(const uint8_t* p, size_t n, uint32_t crc = 0);
 
 }  // namespace forge_paging

@@ -51,6 +51,8 @@ void register_paging(py::module_& m) {
         py::arg("src"), py::arg("n"), "the GPU kernels' bitwise CRC-32C, run on the CPU");
   p.def("crc32c", [](uintptr_t src, uint64_t n) { return crc32c(ptr<const uint8_t>(src), n); }, py::arg("src"),
         py::arg("n"), "the CPU codec's CRC-32C (SSE4.2 / ARMv8 CRC instructions where present)");
+  p.def("crc32c_table", [](uintptr_t src, uint64_t n) { return crc32c_table(ptr<const uint8_t>(src), n); },
+        py::arg("src"), py::arg("n"), "the byte-table CRC-32C used where the build has no CRC instructions");
   p.def("compact_reference", &compact_reference, py::arg("slots"), py::arg("stored"), py::arg("slot_bytes"),
         py::arg("blob"), py::arg("lanes"),
         "plan offsets and copy chunk payloads with the CUDA kernel's __host__ __device__ code; -> (offsets, total)");
