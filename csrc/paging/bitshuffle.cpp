@@ -206,7 +206,7 @@ void bit_untranspose(const uint8_t* in, uint8_t* plane, size_t n, bool simd) { b
 
 void bitshuffle(const uint8_t* src, uint8_t* dst, uint8_t* tmp, size_t n, size_t width, bool simd) {
   const size_t n8 = n - n % 8;
-  uint8_t* planes[kMaxWidth];
+  uint8_t* planes[kMaxWidth] = {};
   for (size_t b = 0; b < width; ++b) planes[b] = tmp + b * n8;
   byte_transpose(src, planes, n8, width, simd);
   for (size_t b = 0; b < width; ++b) bit_transpose(planes[b], dst + b * n8, n8, simd);
@@ -215,7 +215,7 @@ void bitshuffle(const uint8_t* src, uint8_t* dst, uint8_t* tmp, size_t n, size_t
 
 void bitunshuffle(const uint8_t* src, uint8_t* dst, uint8_t* tmp, size_t n, size_t width, bool simd) {
   const size_t n8 = n - n % 8;
-  const uint8_t* planes[kMaxWidth];
+  const uint8_t* planes[kMaxWidth] = {};
   for (size_t b = 0; b < width; ++b) {
     bit_untranspose(src + b * n8, tmp + b * n8, n8, simd);
     planes[b] = tmp + b * n8;

@@ -110,7 +110,7 @@ uint32_t Codec::probe_planes(const uint8_t* src, uint32_t chunk, uint64_t logica
   const uint32_t len = chunk_len(chunk, logical, chunk_bytes_), n = len / width, n8 = n - n % 8;
   const uint32_t all = (1u << width) - 1;
   if (n8 == 0) return min_ratio <= 1.0 ? all : 0;
-  uint8_t* where[kMaxWidth];
+  uint8_t* where[kMaxWidth] = {};
   place_planes<uint8_t*>(nullptr, ts.planes.data(), width, all, n8, where);
   byte_transpose(gather(src, uint64_t(chunk) * chunk_bytes_, len, half, ts.logical.data()), where, n8, width);
   std::vector<const uint8_t*> ins;
@@ -177,7 +177,7 @@ uint64_t Codec::compress(const uint8_t* src, uint64_t nbytes, uint32_t width, bo
         const uint32_t len = chunk_len(i, logical, chunk_bytes_), ne = len / w, n8 = ne - ne % 8;
         const uint8_t* in = gather(src, uint64_t(i) * chunk_bytes_, len, half, ts.logical.data());
         uint8_t* slot = slots_.data() + uint64_t(i) * slot_bytes_;
-        uint8_t* where[kMaxWidth];
+        uint8_t* where[kMaxWidth] = {};
         place_planes(slot, ts.planes.data(), w, mask, n8, where);
         byte_transpose(in, where, n8, w);
         std::memcpy(tail, in + uint64_t(n8) * w, tail_bytes(len, w));
@@ -325,7 +325,7 @@ void Codec::decompress(const uint8_t* blob, uint64_t blob_bytes, uint8_t* dst, u
         const uint8_t* section =
             d.raw ? payload + raw_plane_bytes(len, w, mask) : ts.shuffled.data() + uint64_t(i - first) * h.chunk_bytes;
         const uint8_t* tail = payload + d.len - tail_bytes(len, w);
-        const uint8_t* where[kMaxWidth];
+        const uint8_t* where[kMaxWidth] = {};
         place_planes<const uint8_t*>(payload, ts.planes.data(), w, mask, n8, where);
         for (uint32_t j = 0; j < popcount32(mask); ++j)
           bit_untranspose(section + uint64_t(j) * n8, ts.planes.data() + uint64_t(j) * n8, n8);
