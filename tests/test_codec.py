@@ -105,6 +105,17 @@ def test_probe_skips_incompressible():
     assert TensorCodec().encode(torch.zeros(300_000)) is not None
 
 
+def test_plane_choice_is_cached_per_kind_and_reprobed():
+    """A kind's probe result (here: skip, from noise) holds for `reprobe` uses, then is probed again."""
+    codec = TensorCodec(reprobe=2)
+    noise = torch.randint(0, 256, (300_000,), dtype=torch.uint8)
+    zeros = torch.zeros(300_000, dtype=torch.uint8)
+    assert codec.encode(noise, kind="k") is None
+    assert codec.encode(zeros, kind="k") is None and codec.encode(zeros, kind="k") is None  # cached: no probe
+    assert codec.encode(zeros, kind="k") is not None  # uses spent: probed again
+    assert codec.encode(zeros, kind="other") is not None and codec.encode(zeros) is not None
+
+
 def parse_blob(blob: bytes):
     magic, n, chunk_bytes, width, logical, flags, lz4_planes = struct.unpack_from("<IIIIQII", blob, 0)
     assert magic == 0x31505246

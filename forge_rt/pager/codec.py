@@ -1,7 +1,8 @@
 """Tensor-level wrapper of the native paging codec (bit-shuffle + nvCOMP LZ4 per 64 KiB chunk).
 
-A blob is a 1-D uint8 tensor in the layout of csrc/paging/blob_hd.h. fp32 tensors whose low 16
-bits are all zero (bf16 values upcast by RMSNorm, softmax, logits) are stored as their high halves.
+A tensor becomes one or more blobs (pieces), each a 1-D uint8 tensor in the layout of
+csrc/paging/blob_hd.h. fp32 tensors whose low 16 bits are all zero (bf16 values upcast by RMSNorm,
+softmax, logits) are stored as their high halves.
 """
 from __future__ import annotations
 
