@@ -6,7 +6,8 @@
    bf16-in-fp32 halving, nvCOMP LZ4) vs plain LZ4 (python-lz4, 64 KiB blocks), fp32 and bf16 models;
 2. codec GB/s (compress, decompress) on those activations vs memcpy of the same bytes;
 3. peak RSS and time of training steps (the first, cold, and the later ones): paging off, compress-only,
-   spill (budget; with and without handing freed heap back), and torch.autograd.graph.save_on_cpu;
+   spill (budget; O_DIRECT by default, without handing freed heap back, and buffered with a shallow
+   prefetch as it was first built), and torch.autograd.graph.save_on_cpu;
    each mode in its own process so peaks do not mix.
 Prints markdown tables; --json PATH also writes the numbers.
 """
@@ -133,6 +134,8 @@ def one_step(mode, batch, tokens, budget_mb, layers, steps):
            "spill": lambda: forge_rt.paging(budget_bytes=budget_mb << 20, spill_dir=spill_dir),
            "spill_keep_heap": lambda: forge_rt.paging(budget_bytes=budget_mb << 20, spill_dir=spill_dir,
                                                       release_memory=False),
+           "spill_buffered": lambda: forge_rt.paging(budget_bytes=budget_mb << 20, spill_dir=spill_dir,
+                                                     direct_io=False, prefetch=2),
            "save_on_cpu": lambda: torch.autograd.graph.save_on_cpu()}[mode]
     before = rss_bytes()
     th = threading.Thread(target=sample, daemon=True)
@@ -188,7 +191,8 @@ def main():
                   f"{r['compress_gbs']:.2f} | {r['decompress_gbs']:.2f} | {r['memcpy_gbs']:.2f} |")
     if "step" not in a.skip:
         rows = []
-        for mode in ("off", "compress", "spill", "spill_keep_heap", "save_on_cpu", "off"):  # off twice: drift
+        for mode in ("off", "compress", "spill", "spill_keep_heap", "spill_buffered", "save_on_cpu",
+                     "off"):  # off twice: drift
             cmd = [sys.executable, __file__, "--child", mode, "--batch", str(a.batch), "--tokens", str(a.tokens),
                    "--budget-mb", str(a.budget_mb), "--steps", str(a.steps)] + (
                    ["--step-layers", str(a.step_layers)] if a.step_layers else [])

@@ -55,8 +55,8 @@ class Pager:
     """Context manager installing the paging hooks. Use `forge_rt.paging(...)` to build one."""
 
     def __init__(self, budget_bytes: int | None = None, spill_dir: str | None = None, min_bytes: int = 262144,
-                 prefetch: int = 2, level: int = 1, threads: int | None = None, min_ratio: float = 1.05,
-                 spill_reserve: int = 64 * 2**20, release_memory: bool | None = None, direct_io: bool = False):
+                 prefetch: int = 8, level: int = 1, threads: int | None = None, min_ratio: float = 1.05,
+                 spill_reserve: int = 64 * 2**20, release_memory: bool | None = None, direct_io: bool = True):
         if budget_bytes is not None and spill_dir is None:
             raise ValueError("paging(budget_bytes=...) needs spill_dir=... for what does not fit the budget")
         if prefetch < 0:
@@ -302,16 +302,15 @@ def _bytes_of(rec: _Record) -> list[torch.Tensor]:
 
 
 def paging(budget_bytes: int | None = None, spill_dir: str | None = None, min_bytes: int = 262144,
-           prefetch: int = 2, **kwargs) -> Pager:
+           prefetch: int = 8, **kwargs) -> Pager:
     """Pages the tensors autograd saves for backward: keep small/parameter tensors, LZ4-compress the
     rest in memory, and spill the oldest to `spill_dir` when the resident total passes `budget_bytes`.
 
     Other keywords (Pager): prefetch (spilled tensors read ahead of backward), release_memory (hand
     freed heap back to the OS every 128 MiB spilled or saved by compression; on by default with a
     budget, where SmolLM2's peak RSS went 0.87x -> 0.57x of paging off; compress-only it gave
-    0.97x -> 0.87x for ~8% more step time, so it is opt-in there), direct_io (O_DIRECT
-    spill file, for machines where the page cache must not hold spilled bytes), threads, level,
-    min_ratio.
+    0.97x -> 0.87x for ~8% more step time, so it is opt-in there), direct_io (O_DIRECT spill file,
+    default where the filesystem allows it), threads, level, min_ratio.
 
     min_bytes is 256 KiB rather than 64 KiB: a one-chunk tensor costs ~0.6 ms of fixed codec work in
     a training step (SmolLM2: the 210 LoRA x@A^T saves, 1% of the bytes, took 10% of the codec time).
