@@ -1,6 +1,6 @@
 """How much CPU a training step leaves for a codec running beside it (the case for overlap).
 
-  python bench/bench_paging_overlap.py [--batch 4 --tokens 256 --steps 2]
+  python bench/bench_paging_overlap.py [--batch 4 --tokens 256 --steps 2] [--json bench/results/paging_overlap.json]
 
 Runs SmolLM2 LoRA steps (fp32, torch on 2 threads) alone, then with a background thread compressing
 real saved activations non-stop with forge_rt's codec, at normal priority and at SCHED_IDLE (it

@@ -5,7 +5,10 @@
 
 On a machine shared with other jobs, wall time mostly measures the scheduler. A per-core comparison
 that is robust to that: FORGE_BENCH_THREADS=1 and --benchmark-timer=time.thread_time (with one thread
-torch, MKL and forge_rt's OpenMP loops all run on the calling thread, so its CPU time is the work).
+torch, MKL and forge_rt's OpenMP loops all run on the calling thread, so its CPU time is the work):
+
+    FORGE_BENCH_THREADS=1 python -m pytest bench/bench_qlora.py --benchmark-timer=time.thread_time \
+        --benchmark-json=bench/results/qlora_1thread_cputime.json -q
 
 Cases: forward and forward+backward (grads of x, A, B), M in {1, 16, 1024},
 (N, K) in {(2048, 2048), (5632, 2048), (2048, 5632)}, r = 16, double-quantized NF4 (QLoRA's default).

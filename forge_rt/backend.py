@@ -14,6 +14,7 @@ import torch
 from forge_rt._native import native, native_error
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what every backend's kernels take
 log = logging.getLogger("forge_rt")
 _warned: set[str] = set()
 
@@ -65,6 +66,10 @@ def select(tensor: torch.Tensor, supported: tuple[str, ...] = BACKENDS) -> str:
                              f"(supported: {', '.join(supported)})")
         if not st[forced][0]:
             raise RuntimeError(f"FORGE_RT_BACKEND={forced!r} is not live: {st[forced][1]}")
+        needs = {"cpu": "cpu", "cuda": "cuda"}.get(forced)  # triton also runs CPU tensors when interpreting
+        if needs and tensor.device.type != needs:
+            raise ValueError(f"FORGE_RT_BACKEND={forced!r} cannot run on a {tensor.device.type} tensor; "
+                             f"move it to {needs} or force another backend")
         return forced
     if tensor.device.type == "cuda":
         for name in ("triton", "cuda"):

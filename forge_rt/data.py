@@ -230,8 +230,9 @@ def collate(batch: list[dict], pad_token_id: int) -> dict:
 def prompt_text(tokenizer, messages: list[dict]) -> str:
     """The chat-template text that precedes the response (ends with the assistant header)."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat template; use an instruct/chat model, or set "
-                         "tokenizer.chat_template before training")
+        raise DataError(getattr(tokenizer, "name_or_path", "tokenizer"), None, None,
+                        "the tokenizer has no chat template",
+                        "use an instruct/chat model, or set tokenizer.chat_template before training")
     return tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
 
 

@@ -78,7 +78,7 @@ def generate_answers(model, tokenizer, examples, batch_size: int = 16, max_new_t
     prompts = [prompt_text(tokenizer, ex["messages"]) for ex in examples]
     # Similar lengths per batch means less padding; answers are put back in input order.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id  # model_load sets one; batched left padding needs it anyway
     answers = [""] * len(prompts)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]

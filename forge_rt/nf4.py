@@ -198,11 +198,11 @@ def quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = Tru
 def dequantize(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The full-precision weight (shape `w.shape`, dtype `dtype` or the original dtype)."""
     dtype = dtype or w.dtype
-    packed = w.packed.contiguous()
-    which = select(packed, ("reference", "cpu", "triton", "cuda"))
+    which = select(w.packed, ("reference", "cpu", "triton", "cuda"))
     if which == "triton":
         from forge_rt.kernels import nf4_triton
         return nf4_triton.dequantize(w, dtype)
+    packed = w.packed.contiguous()
     n = w.numel
     absmax = w.absmax_fp32().contiguous()
     qt = QUANT_TYPES[w.quant_type]
@@ -211,7 +211,7 @@ def dequantize(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
         stream = torch.cuda.current_stream(packed.device).cuda_stream
         _require_native().nf4_dequantize_cuda(packed.data_ptr(), absmax.data_ptr(), n, w.blocksize, qt,
                                               out.data_ptr(), stream)
-    elif which == "cpu" and packed.device.type == "cpu":
+    elif which == "cpu":
         out = torch.empty(n, dtype=torch.float32)
         _require_native().nf4_dequantize(packed.data_ptr(), absmax.data_ptr(), n, w.blocksize, qt, out.data_ptr())
     else:  # the reference: the same math in torch

@@ -13,7 +13,6 @@ import torch
 from forge_rt import backend
 from forge_rt.kernels import QLORA_BACKENDS, qlora_kernels
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def dropout_seed() -> int:
@@ -32,7 +31,7 @@ def _dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
 
 
 def _check(x, w, lora_A, lora_B, bias, dropout) -> None:
-    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES:
+    if not isinstance(x, torch.Tensor) or x.dtype not in backend.FLOAT_DTYPES:
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
         raise TypeError(f"qlora_linear: x must be a float32/float16/bfloat16 tensor, got {got}")
     for field in ("packed", "shape", "blocksize", "absmax_fp32", "code"):
@@ -49,14 +48,14 @@ def _check(x, w, lora_A, lora_B, bias, dropout) -> None:
         raise ValueError("qlora_linear: pass both lora_A and lora_B, or neither (plain NF4 linear)")
     if lora_A is not None:
         for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
-            if not isinstance(t, torch.Tensor) or t.dtype not in _FLOAT_DTYPES or t.dim() != 2:
+            if not isinstance(t, torch.Tensor) or t.dtype not in backend.FLOAT_DTYPES or t.dim() != 2:
                 raise TypeError(f"qlora_linear: {name} must be a 2-D float tensor, got "
                                 f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
         r = lora_A.shape[0]
         if lora_A.shape[1] != K or tuple(lora_B.shape) != (N, r):
             raise ValueError(f"qlora_linear: lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} "
                              f"must be [r, {K}] and [{N}, r] for an NF4 weight of [{N}, {K}]")
-    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype not in _FLOAT_DTYPES
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype not in backend.FLOAT_DTYPES
                              or tuple(bias.shape) != (N,)):
         raise ValueError(f"qlora_linear: bias must be a float tensor of shape ({N},), got "
                          f"{getattr(bias, 'dtype', type(bias).__name__)} {tuple(getattr(bias, 'shape', ()))}")

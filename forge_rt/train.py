@@ -303,12 +303,8 @@ def _trainable(model) -> dict[str, torch.nn.Parameter]:
 
 
 def _evaluate(model, tok, evals, retention, cfg: TrainConfig) -> dict:
-    from forge_rt.evaluate import evaluate
-    model.eval()
-    with torch.no_grad():
-        res = evaluate(model, tok, evals, retention,
-                       batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens)
-    return res
+    from forge_rt.evaluate import evaluate  # eval mode, no_grad and timing are evaluate()'s own
+    return evaluate(model, tok, evals, retention, batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens)
 
 
 def train_loop(model, tok, tok_data, cfg: TrainConfig, run: Path, resume_state: dict | None, monitor, pager,
@@ -449,11 +445,10 @@ def run_training(cfg: TrainConfig, run: Path, resume: str | None, guard=None) ->
     with _Stop() as stop:
         try:
             if do_eval and not eval_base_path.exists():
-                t0 = time.time()
                 print("eval: base model ...", flush=True)
                 _mark(monitor, "eval")
                 base_res = _evaluate(model, tok, evals, retention, cfg)
-                t_eval += time.time() - t0
+                t_eval += base_res["seconds"]
                 eval_base_path.write_text(json.dumps(_jsonable(base_res, t_eval)))
             with pager or contextlib.nullcontext():
                 res = train_loop(model, tok, tok_data, cfg, run, resume_state, monitor, pager, stop)
@@ -465,11 +460,10 @@ def run_training(cfg: TrainConfig, run: Path, resume: str | None, guard=None) ->
             model.save_pretrained(run / "adapter")
             tok.save_pretrained(run / "tokenizer")
             if do_eval:
-                t0 = time.time()
                 print("eval: tuned model ...", flush=True)
                 _mark(monitor, "eval")
                 tuned_res = _evaluate(model, tok, evals, retention, cfg)
-                t_eval += time.time() - t0
+                t_eval += tuned_res["seconds"]
         finally:
             if monitor is not None:
                 monitor.stop()

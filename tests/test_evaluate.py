@@ -100,11 +100,8 @@ def test_evaluate_base_model_scores_low_and_works_with_peft(smollm2):
     assert 1 < r["ppl_retention"] < 1000
     assert r["ppl_retention"] == pytest.approx(retention_perplexity(model, tok, retention), rel=1e-4)
     # oracle for the batched, left-padded generation: the plain model, one unpadded prompt at a time
-    for ex, sample in list(zip(examples, r["samples"]))[:1]:
-        ids = tok(prompt_text(tok, ex["messages"]), add_special_tokens=False, return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
-                                 do_sample=False, pad_token_id=tok.pad_token_id)
-        alone = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
-        assert sample["prediction"] == alone
-        assert sample["reference"] == ex["messages"][-1]["content"]
+    ids = tok(prompt_text(tok, examples[0]["messages"]), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                             do_sample=False, pad_token_id=tok.pad_token_id)
+    assert r["samples"][0]["prediction"] == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()

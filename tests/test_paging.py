@@ -297,3 +297,19 @@ def test_freed_heap_goes_back_without_changing_results(tmp_path, release, spill)
     assert_same(ref, got)
     assert (s["bytes_spilled"] > 0) == spill
     assert (s["heap_trims"] > 0) == bool(release)  # default: on with a budget only
+
+
+def test_corrupted_raw_spilled_tensor_is_detected(tmp_path):
+    """A tensor the codec skips (noise) is spilled as raw bytes; its extent's CRC-32C catches corruption."""
+    noise = torch.randint(0, 256, (512 * 1024,), dtype=torch.uint8)
+    x = torch.randn(8, requires_grad=True)
+    with forge_rt.paging(budget_bytes=0, spill_dir=tmp_path, min_bytes=4096) as pager:
+        y = SaveAll.apply(x, noise)
+        pager.flush()
+        assert pager.stats()["bytes_incompressible"] >= noise.numel()
+        fd = os.open(f"/proc/self/fd/{pager._spill.fd}", os.O_RDWR)  # buffered: O_DIRECT needs whole blocks
+        for extent, _ in list(pager._extents.values()):
+            os.pwrite(fd, b"\xff" * 16, extent.offset + extent.length // 2)
+        os.close(fd)
+        with pytest.raises(PagingError, match=r"paged tensor #\d+ .*fails its CRC-32C check"):
+            y.sum().backward()

@@ -102,8 +102,14 @@ def test_matches_oracle(i, case):
 
 @pytest.mark.parametrize("M,N,K", [(1, 1024, 2080), (3, 700, 1500), (40, 300, 500)])
 def test_big_enough_to_split_across_threads(M, N, K):
-    # Small problems run on one thread (a fork/join would cost more); these take the threaded paths.
-    run_case(M, N, K, r=16, with_bias=True)
+    # Small problems run on one thread (a fork/join would cost more); these take the threaded paths,
+    # which the kernel only uses with torch on 2+ threads.
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_case(M, N, K, r=16, with_bias=True)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("M", [2, 40])

@@ -136,12 +136,19 @@ uint32_t Codec::probe_planes(const uint8_t* src, uint32_t chunk, uint64_t logica
   return double(len) / double(len - saved) < min_ratio ? 0 : mask;
 }
 
-uint64_t Codec::compress(const uint8_t* src, uint64_t nbytes, uint32_t width, bool half, double min_ratio,
-                         uint32_t lz4_planes) {
-  const uint64_t logical = half ? nbytes / 2 : nbytes;
+// The logical stream the codec sees: the tensor's bytes, or the high halves of fp32s when half.
+std::pair<uint64_t, uint32_t> Codec::logical_stream(uint64_t nbytes, uint32_t width, bool half) const {
   const uint32_t w = half ? 2 : width;
   if (w == 0 || w > kMaxWidth || chunk_bytes_ % w != 0)
     throw CodecError("element width " + std::to_string(w) + " is not supported (1..16 bytes dividing the chunk)");
+  return {half ? nbytes / 2 : nbytes, w};
+}
+
+uint64_t Codec::compress(const uint8_t* src, uint64_t nbytes, uint32_t width, bool half, double min_ratio,
+                         uint32_t lz4_planes) {
+  const std::pair<uint64_t, uint32_t> stream = logical_stream(nbytes, width, half);
+  const uint64_t logical = stream.first;
+  const uint32_t w = stream.second;  // plain names: lambdas below capture them (C++17)
   const uint32_t n = n_chunks_for(logical, chunk_bytes_);
   slots_.resize(uint64_t(std::max(n, w)) * slot_bytes_);
   entries_.assign(n, ChunkEntry{0, 0});
@@ -160,8 +167,8 @@ uint64_t Codec::compress(const uint8_t* src, uint64_t nbytes, uint32_t width, bo
   std::string why;
   // One group of chunks: raw planes straight into their slots, the others bit-shuffled into the
   // group buffer, one nvCOMP call for the group, then raw what did not shrink, tails, and crc32s.
+  const uint32_t g = group_size(n, pool_.threads());
   auto group = [&](int64_t k) {
-    const uint32_t g = group_size(n, pool_.threads());
     const uint32_t first = uint32_t(k) * g, last = std::min(n, first + g);
     uint32_t at = first;
     try {
@@ -218,7 +225,6 @@ uint64_t Codec::compress(const uint8_t* src, uint64_t nbytes, uint32_t width, bo
       if (failed.compare_exchange_strong(expect, int(at))) why = e.what();
     }
   };
-  const uint32_t g = group_size(n, pool_.threads());
   pool_.run((n + g - 1) / g, group);
   if (failed.load() >= 0)
     throw CodecError("nvCOMP LZ4 compress failed on chunk " + std::to_string(failed.load()) + ": " + why);
@@ -227,11 +233,10 @@ uint64_t Codec::compress(const uint8_t* src, uint64_t nbytes, uint32_t width, bo
 }
 
 uint32_t Codec::probe(const uint8_t* src, uint64_t nbytes, uint32_t width, bool half, double min_ratio) {
-  const uint64_t logical = half ? nbytes / 2 : nbytes;
-  const uint32_t w = half ? 2 : width;
+  const std::pair<uint64_t, uint32_t> stream = logical_stream(nbytes, width, half);
+  const uint64_t logical = stream.first;
+  const uint32_t w = stream.second;  // plain names: lambdas below capture them (C++17)
   const uint32_t n = n_chunks_for(logical, chunk_bytes_);
-  if (w == 0 || w > kMaxWidth || chunk_bytes_ % w != 0)
-    throw CodecError("element width " + std::to_string(w) + " is not supported (1..16 bytes dividing the chunk)");
   if (n == 0) return (1u << w) - 1;
   slots_.resize(std::max<uint64_t>(slots_.size(), uint64_t(w) * slot_bytes_));
   return probe_planes(src, n / 2, logical, w, half, min_ratio);

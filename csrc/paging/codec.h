@@ -8,6 +8,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "paging/blob_hd.h"
@@ -54,6 +55,7 @@ class Codec {
   BlobHeader header_{};
   uint64_t blob_bytes_ = 0;
 
+  std::pair<uint64_t, uint32_t> logical_stream(uint64_t nbytes, uint32_t width, bool half) const;
   uint32_t probe_planes(const uint8_t* src, uint32_t chunk, uint64_t logical, uint32_t width, bool half,
                         double min_ratio);
 };

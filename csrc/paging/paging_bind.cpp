@@ -49,8 +49,10 @@ void register_paging(py::module_& m) {
   p.def("stored_field", &stored_field, py::arg("comp_len"), py::arg("raw_len"));
   p.def("crc32c_hd", [](uintptr_t src, uint64_t n) { return crc32c_update(0, ptr<const uint8_t>(src), n); },
         py::arg("src"), py::arg("n"), "the GPU kernels' bitwise CRC-32C, run on the CPU");
-  p.def("crc32c", [](uintptr_t src, uint64_t n) { return crc32c(ptr<const uint8_t>(src), n); }, py::arg("src"),
-        py::arg("n"), "the CPU codec's CRC-32C (SSE4.2 / ARMv8 CRC instructions where present)");
+  p.def("crc32c", [](uintptr_t src, uint64_t n, uint32_t crc) { return crc32c(ptr<const uint8_t>(src), n, crc); },
+        py::arg("src"), py::arg("n"), py::arg("crc") = 0,
+        "the CPU codec's CRC-32C (SSE4.2 / ARMv8 CRC instructions where present), continuing from `crc`",
+        py::call_guard<py::gil_scoped_release>());
   p.def("crc32c_table", [](uintptr_t src, uint64_t n) { return crc32c_table(ptr<const uint8_t>(src), n); },
         py::arg("src"), py::arg("n"), "the byte-table CRC-32C used where the build has no CRC instructions");
   p.def("compact_reference", &compact_reference, py::arg("slots"), py::arg("stored"), py::arg("slot_bytes"),

@@ -81,10 +81,7 @@ inline void decode_visit(const NF4View& w, int64_t i, int64_t len, Vec16&& vec, 
       }
     }
 #endif
-    for (; i < stop; ++i) {
-      const uint8_t b = w.packed[i >> 1];
-      one(i - start, w.code[(i & 1) ? (b & 0x0F) : (b >> 4)] * a);
-    }
+    for (; i < stop; ++i) one(i - start, w.code[forge_nf4::unpack(w.packed, i)] * a);
   }
 }
 

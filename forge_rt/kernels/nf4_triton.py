@@ -15,9 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from forge_rt.backend import FLOAT_DTYPES
 from forge_rt.nf4 import NESTED_BLOCKSIZE
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit

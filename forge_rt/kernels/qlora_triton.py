@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from forge_rt.kernels.nf4_triton import FLOAT_DTYPES, check_weight, code_on, nf4_tile, scale_args
+from forge_rt.backend import FLOAT_DTYPES
+from forge_rt.kernels.nf4_triton import check_weight, code_on, nf4_tile, scale_args
 from forge_rt.nf4 import NESTED_BLOCKSIZE
 
 

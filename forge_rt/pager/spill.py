@@ -14,11 +14,11 @@ import shutil
 import tempfile
 import threading
 import time
-import zlib
 from dataclasses import dataclass
 
 import torch
 
+from forge_rt._native import require_native
 from forge_rt.pager.codec import PagingError
 
 _FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
@@ -28,7 +28,7 @@ _FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 class Extent:
     offset: int
     length: int
-    crc: int | None  # crc32 of the bytes as written, checked after reading; None for codec blobs,
+    crc: int | None  # CRC-32C of the bytes as written, checked after reading; None for codec blobs,
                      # whose per-chunk CRC-32C the decoder checks anyway
 
 
@@ -72,6 +72,11 @@ _ALIGN = 4096  # O_DIRECT: offsets, lengths and buffer addresses in multiples of
 _BOUNCE = 8 << 20
 
 
+def _crc32c(data: torch.Tensor, crc: int = 0) -> int:
+    """The codec's CRC-32C (CPU instructions) of a contiguous uint8 tensor."""
+    return require_native().paging.crc32c(data.data_ptr(), data.numel(), crc)
+
+
 def _aligned(nbytes: int) -> torch.Tensor:
     """An uninitialised uint8 tensor of nbytes whose first byte sits on an _ALIGN boundary."""
     raw = torch.empty(nbytes + _ALIGN, dtype=torch.uint8)
@@ -83,8 +88,9 @@ class SpillFile:
     """The spill file. With `direct` (where the filesystem allows it) it is opened with O_DIRECT:
     spilled bytes go from our buffers to the disk, not into the page cache, which would keep them in
     RAM (on a Jetson, the GPU's RAM) and cost a kernel copy on the same cores as the step. Here
-    buffered writes ran at 0.38 GB/s, O_DIRECT at 2.2 GB/s; reads then come from the disk (1.1 GB/s),
-    which the reader's prefetch hides. A SmolLM2 spill step: 8.1 s buffered, 7.4 s O_DIRECT."""
+    (`dd`) buffered writes ran at 0.38 GB/s, O_DIRECT at 2.2 GB/s; reads then come from the disk
+    (1.1 GB/s), which the reader's prefetch hides. A SmolLM2 spill step (bench/bench_paging.py, two
+    runs): 7.4 and 7.6 s with O_DIRECT and prefetch 8, 8.1 and 7.7 s buffered with prefetch 2."""
 
     def __init__(self, directory: str, reserve_bytes: int, direct: bool = True):
         directory = os.fspath(directory)
@@ -173,8 +179,8 @@ class SpillFile:
         crc = None
         if checksum:
             crc = 0
-            for buf in bufs:
-                crc = zlib.crc32(buf, crc)
+            for p in pieces:
+                crc = _crc32c(p, crc)
         return Extent(off, total, crc)
 
     def _pwrite_all(self, buf: memoryview, at: int) -> None:
@@ -215,8 +221,8 @@ class SpillFile:
                               f"{extent.offset}..{extent.offset + extent.length} but the file ends at "
                               f"{os.fstat(self.fd).st_size}. Something else shrank the file; rerun the step.")
         out, buf = out[:extent.length], buf[:extent.length]
-        if extent.crc is not None and zlib.crc32(buf) != extent.crc:
-            raise PagingError(f"paged tensor {name} read back from spill file {self.path!r} fails its crc32 check; "
+        if extent.crc is not None and _crc32c(out) != extent.crc:
+            raise PagingError(f"paged tensor {name} read back from spill file {self.path!r} fails its CRC-32C check; "
                               "the disk returned different bytes than were written. Rerun the step.")
         return out
 
