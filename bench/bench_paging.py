@@ -42,7 +42,7 @@ def prose_ids(tok, batch, tokens):
 
 def lora_model(dtype, layers=None):
     from peft import LoraConfig, get_peft_model
-    from forge_rt.model_load import load_model
+    from forge_rt.train.model import load_model
     model, tok = load_model(dtype=torch.float32)
     if layers:
         model.model.layers = model.model.layers[:layers]

@@ -19,8 +19,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from forge_rt import nf4, swap
-from forge_rt.model_load import load_model
+from forge_rt import nf4
+import forge_rt.nn as swap
+from forge_rt.train.model import load_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -1,18 +1,31 @@
-"""forge_rt: offline QLoRA with fused NF4 LoRA kernels and LZ4-compressed activation paging."""
+"""forge_rt: offline QLoRA with fused NF4 LoRA kernels and LZ4-compressed activation paging.
+
+Layers (see ARCHITECTURE.md): the format and the op (`nf4`, `ops`, `backend`, `kernels`), modules and
+patching (`nn`), the activation pager (`pager`), the memory monitor (`monitor`), the sovereign tools
+(`sovereign`), the trainer (`train`) and the command lines on top."""
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
 # Submodules and functions are imported on first use so `import forge_rt` stays light.
-_SUBMODULES = ("nf4", "ops", "pager", "monitor", "scrub", "seal", "sovereign", "shred", "data", "evaluate",
-               "train", "generate", "backend", "model_load")
+_SUBMODULES = ("nf4", "ops", "backend", "kernels", "nn", "pager", "monitor", "sovereign", "train", "generate",
+               "errors")
 _FUNCTIONS = {
-    "quantize_model": "forge_rt.swap",
-    "accelerate": "forge_rt.swap",
+    "quantize_model": "forge_rt.nn.nf4_linear",
+    "accelerate": "forge_rt.nn.peft",
     "paging": "forge_rt.pager",
+    "ForgeError": "forge_rt.errors",
 }
+
+if TYPE_CHECKING:  # editors and type checkers see the lazy names
+    from forge_rt import backend, errors, generate, kernels, monitor, nf4, nn, ops, pager, sovereign, train
+    from forge_rt.errors import ForgeError
+    from forge_rt.nn.nf4_linear import quantize_model
+    from forge_rt.nn.peft import accelerate
+    from forge_rt.pager import paging
 
 
 def __getattr__(name: str):
@@ -23,4 +36,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'forge_rt' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "quantize_model", "accelerate", "paging", *_SUBMODULES]
+__all__ = ["__version__", *_FUNCTIONS, *_SUBMODULES]

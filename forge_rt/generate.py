@@ -4,54 +4,14 @@ NF4 quantization and fused kernels unless the run used --no-fused) and loads its
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-from pathlib import Path
 
 import torch
 
-from forge_rt.config import TrainConfig
+from forge_rt.errors import ForgeError
+from forge_rt.train.model import load_run
 
-
-class RunDirError(RuntimeError):
-    pass
-
-
-def load_run(run: str | os.PathLike):
-    """(model, tokenizer, config) of a finished run; the adapter comes from adapter/ or, for a sealed
-    run, from adapter.sealed decrypted in memory (passphrase from FORGE_RT_PASSPHRASE or a prompt)."""
-    from forge_rt.model_load import load_model
-    from forge_rt.train import build_model
-
-    run = Path(run)
-    cfg_path = run / "config.json"
-    if not cfg_path.is_file():
-        raise RunDirError(f"{run} has no config.json; pass a run directory written by python -m forge_rt.train")
-    cfg = TrainConfig(**json.loads(cfg_path.read_text()))
-    adapter, sealed = run / "adapter", run / "adapter.sealed"
-    if not (adapter / "adapter_config.json").is_file() and not sealed.is_file():
-        raise RunDirError(f"{run} has no adapter/ (the run did not finish?); resume it with "
-                          f"python -m forge_rt.train --resume {run}")
-    base, tok = load_model(cfg.model)
-    if (run / "tokenizer").is_dir():
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(run / "tokenizer")
-    if (adapter / "adapter_config.json").is_file():
-        model = build_model(base, cfg, adapter_dir=adapter)
-    else:
-        model = _load_sealed(base, cfg, sealed)
-    return model.eval(), tok, cfg
-
-
-def _load_sealed(base, cfg: TrainConfig, sealed: Path):
-    import getpass
-    from forge_rt import seal
-    phrase = os.environ.get("FORGE_RT_PASSPHRASE") or getpass.getpass(f"Passphrase for {sealed}: ")
-    if not cfg.no_fused:
-        from forge_rt.swap import accelerate, quantize_model
-        return accelerate(seal.load_peft(quantize_model(base), sealed, phrase))
-    return seal.load_peft(base, sealed, phrase)
+__all__ = ["generate", "load_run", "main"]
 
 
 def generate(model, tok, prompt: str, max_new_tokens: int = 128) -> str:
@@ -69,19 +29,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", required=True, help="run directory written by python -m forge_rt.train")
     p.add_argument("--base", action="store_true", help="also answer with the base model (no adapter) to compare")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--passphrase-file", help="for a sealed run: read the passphrase from this file "
+                                             "(else $FORGE_RT_PASSPHRASE or a prompt)")
     p.add_argument("prompt", help="the user message; '-' reads it from stdin")
     args = p.parse_args(argv)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    from forge_rt.model_load import ModelLoadError
-    from forge_rt.train import offline_guard
+    from forge_rt.train.run import offline_guard
     try:
         with offline_guard():
-            model, tok, _ = load_run(args.run)
+            model, tok, _ = load_run(args.run, args.passphrase_file)
             print(("tuned: " if args.base else "") + generate(model, tok, prompt, args.max_new_tokens))
             if args.base:
                 with model.disable_adapter():
                     print("base:  " + generate(model, tok, prompt, args.max_new_tokens))
-    except (RunDirError, ModelLoadError) as exc:
+    except ForgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

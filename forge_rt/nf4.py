@@ -7,6 +7,7 @@ CPU tensors; the small absmax double quantization runs in torch.
 """
 from __future__ import annotations
 
+from forge_rt.errors import ForgeError
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -21,7 +22,7 @@ NESTED_BLOCKSIZE = 256
 _SRC_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-class NF4Error(ValueError):
+class NF4Error(ForgeError, ValueError):
     """Bad input to the NF4 quantizer (the message names the field and the fix)."""
 
 

@@ -21,7 +21,7 @@ def smollm2():
     """(model, tokenizer) of the shipped SmolLM2-135M-Instruct, fp32, loaded once. Don't mutate it:
     use `fresh_smollm2` for a private copy."""
     import torch
-    from forge_rt.model_load import load_model
+    from forge_rt.train.model import load_model
     return load_model(dtype=torch.float32)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from forge_rt import generate, nf4, train
-from tiny_run import make_tiny_model_dir, tiny_args, tiny_rows, write_jsonl
+from forge_rt.testing import make_tiny_model_dir, tiny_args, tiny_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ softmax, logits) are stored as their high halves.
 """
 from __future__ import annotations
 
+from forge_rt.errors import ForgeError
 import os
 import threading
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import torch
 from forge_rt._native import require_native
 
 
-class PagingError(RuntimeError):
+class PagingError(ForgeError, RuntimeError):
     """A paged tensor could not be stored or restored; the message names the tensor and the fix."""
 
 

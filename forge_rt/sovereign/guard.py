@@ -1,0 +1,201 @@
+"""No egress: block outbound network connections from this process.
+
+    with sovereign.offline() as guard:      # or: guard = sovereign.install() for the whole process
+        train(...)
+    guard.report()   # {"egress_attempted": False, "attempts": []}
+
+Loopback (127.0.0.0/8, ::1, "localhost") and Unix sockets stay allowed. Every blocked attempt raises
+`EgressBlocked` (a ConnectionRefusedError, so libraries that handle refused connections fail cleanly
+instead of crashing), is logged with its stack trace, and recorded for the run report. Hub libraries
+are switched to offline mode through their environment variables.
+
+This guards Python-level sockets. Native code that opens sockets itself (a C library calling
+connect(2) directly) bypasses it; use a network namespace or firewall for that.
+"""
+from __future__ import annotations
+
+from forge_rt.errors import ForgeError
+import ipaddress
+import logging
+import os
+import socket
+import threading
+import traceback
+from dataclasses import dataclass, field
+
+log = logging.getLogger("forge_rt.sovereign")
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1", "WANDB_MODE": "offline"}
+_LOCAL_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback", ""}
+
+
+def set_offline_env() -> None:
+    """Puts the hub libraries (transformers, huggingface_hub, datasets, wandb) in offline mode."""
+    os.environ.update(OFFLINE_ENV)
+
+
+class EgressBlocked(ForgeError, ConnectionRefusedError):
+    """An outbound connection was blocked by forge_rt.sovereign.offline()."""
+
+
+def _host(host) -> str:
+    if isinstance(host, bytes):
+        host = host.decode("ascii", "replace")
+    return str(host).split("%", 1)[0].strip("[]").lower()
+
+
+def _ip(host: str):
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _is_local_host(host) -> bool:
+    """Loopback literal or a local name. Any other name is not local: even resolving it leaks via DNS."""
+    if host is None:
+        return True
+    h = _host(host)
+    return h in _LOCAL_NAMES or (_ip(h) is not None and _ip(h).is_loopback)
+
+
+def _needs_dns(host) -> bool:
+    """A lookup that would query DNS (a leak by itself); IP literals and local names resolve locally."""
+    return not _is_local_host(host) and _ip(_host(host)) is None
+
+
+# Families that never leave the machine: Unix sockets and the kernel's netlink.
+_LOCAL_FAMILIES = {getattr(socket, n) for n in ("AF_UNIX", "AF_NETLINK") if hasattr(socket, n)}
+
+
+def _is_local_address(family, address) -> bool:
+    """family None means "decide from the address" (create_connection, which only does IP)."""
+    if family in _LOCAL_FAMILIES:
+        return True
+    if family not in (None, socket.AF_INET, socket.AF_INET6):
+        return False   # packet, CAN, Bluetooth...: could leave the machine
+    return isinstance(address, tuple) and bool(address) and _is_local_host(address[0])
+
+
+@dataclass
+class Attempt:
+    what: str       # "connect", "create_connection", "getaddrinfo", ...
+    target: str
+    stack: str
+
+
+@dataclass
+class Guard:
+    attempts: list[Attempt] = field(default_factory=list)
+    active: bool = False
+    _saved: dict = field(default_factory=dict, repr=False)
+    _env_saved: dict = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def _block(self, what: str, target) -> EgressBlocked:
+        stack = "".join(traceback.format_stack()[:-2])
+        with self._lock:
+            self.attempts.append(Attempt(what, repr(target), stack))
+        log.warning("forge_rt offline guard blocked %s to %r\n%s", what, target, stack)
+        return EgressBlocked(f"forge_rt offline mode: outbound {what} to {target!r} blocked "
+                             f"(only loopback and Unix sockets are allowed)")
+
+    def install(self) -> "Guard":
+        if self.active:
+            return self
+        orig = {"connect": socket.socket.connect, "connect_ex": socket.socket.connect_ex,
+                "create_connection": socket.create_connection, "getaddrinfo": socket.getaddrinfo,
+                "gethostbyname": socket.gethostbyname, "gethostbyname_ex": socket.gethostbyname_ex,
+                "sendto": socket.socket.sendto}
+        guard = self
+
+        def connect(sock, address):
+            if not _is_local_address(sock.family, address):
+                raise guard._block("connect", address)
+            return orig["connect"](sock, address)
+
+        def connect_ex(sock, address):
+            if not _is_local_address(sock.family, address):
+                raise guard._block("connect_ex", address)
+            return orig["connect_ex"](sock, address)
+
+        def sendto(sock, data, *args):
+            address = args[-1]
+            if not _is_local_address(sock.family, address):
+                raise guard._block("sendto", address)
+            return orig["sendto"](sock, data, *args)
+
+        def create_connection(address, *args, **kwargs):
+            if not _is_local_address(None, address):
+                raise guard._block("create_connection", address)
+            return orig["create_connection"](address, *args, **kwargs)
+
+        def getaddrinfo(host, *args, **kwargs):
+            if _needs_dns(host):
+                raise guard._block("getaddrinfo", host)
+            return orig["getaddrinfo"](host, *args, **kwargs)
+
+        def gethostbyname(host):
+            if _needs_dns(host):
+                raise guard._block("gethostbyname", host)
+            return orig["gethostbyname"](host)
+
+        def gethostbyname_ex(host):
+            if _needs_dns(host):
+                raise guard._block("gethostbyname_ex", host)
+            return orig["gethostbyname_ex"](host)
+
+        self._saved = orig
+        socket.socket.connect, socket.socket.connect_ex, socket.socket.sendto = connect, connect_ex, sendto
+        socket.create_connection, socket.getaddrinfo = create_connection, getaddrinfo
+        socket.gethostbyname, socket.gethostbyname_ex = gethostbyname, gethostbyname_ex
+        self._env_saved = {k: os.environ.get(k) for k in OFFLINE_ENV}
+        os.environ.update(OFFLINE_ENV)
+        self.active = True
+        return self
+
+    def uninstall(self) -> None:
+        if not self.active:
+            return
+        o = self._saved
+        socket.socket.connect, socket.socket.connect_ex, socket.socket.sendto = o["connect"], o["connect_ex"], o["sendto"]
+        socket.create_connection, socket.getaddrinfo = o["create_connection"], o["getaddrinfo"]
+        socket.gethostbyname, socket.gethostbyname_ex = o["gethostbyname"], o["gethostbyname_ex"]
+        for k, v in self._env_saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        self.active = False
+
+    def __enter__(self) -> "Guard":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
+
+    def report(self) -> dict:
+        """For the run report: whether any egress was attempted, and where from."""
+        return {"egress_attempted": bool(self.attempts),
+                "summary": "no egress attempted" if not self.attempts else f"{len(self.attempts)} egress attempt(s) blocked",
+                "attempts": [{"what": a.what, "target": a.target, "stack": a.stack} for a in self.attempts]}
+
+
+_process_guard: Guard | None = None
+
+
+def offline() -> Guard:
+    """A guard to use as a context manager: `with offline() as g: ...` (restores everything on exit)."""
+    return Guard()
+
+
+def install() -> Guard:
+    """Block egress for the rest of the process; returns the process-wide guard (idempotent)."""
+    global _process_guard
+    if _process_guard is None:
+        _process_guard = Guard()
+    return _process_guard.install()
+
+
+__all__ = ["offline", "install", "Guard", "EgressBlocked", "OFFLINE_ENV"]

@@ -1,0 +1,176 @@
+"""Find and replace secrets and personal data in training text, before tokenization.
+
+    clean, findings = scrub_text("mail me at ana@example.org")   # -> "mail me at <EMAIL_1>"
+
+Use one `Scrubber` for a whole run so the same value always maps to the same placeholder
+(<EMAIL_1> stays <EMAIL_1> in every row). Placeholders are assigned through a keyed HMAC of the
+value: the scrubber never stores a found value, and its report holds only counts.
+"""
+from __future__ import annotations
+
+from forge_rt.errors import ForgeError
+import bisect
+import hashlib
+import hmac
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .detectors import DETECTORS, TYPES
+
+MODES = ("mask", "hash", "drop-row", "off")
+# No NER model can be loaded offline in this environment; names of people/organizations are not detected.
+NER_STATUS = "not active: no offline NER model available; person/organization names are not detected"
+
+
+class ScrubError(ForgeError, ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Finding:
+    type: str
+    start: int
+    end: int
+
+    @property
+    def span(self) -> tuple[int, int]:
+        return self.start, self.end
+
+
+def find(text: str, types: tuple[str, ...] | None = None) -> list[Finding]:
+    """All non-overlapping findings in `text`, sorted by position; specific detectors win overlaps."""
+    lower = text.lower()
+    starts: list[int] = []          # accepted spans, kept sorted and disjoint
+    found: list[Finding] = []
+    for name, finder, triggers in DETECTORS:
+        if (types is not None and name not in types) or (triggers and not any(t in lower for t in triggers)):
+            continue
+        for start, end in finder(text):
+            i = bisect.bisect_right(starts, start)
+            if start >= end or (i and found[i - 1].end > start) or (i < len(starts) and starts[i] < end):
+                continue
+            starts.insert(i, start)
+            found.insert(i, Finding(name, start, end))
+    return found
+
+
+def _normalize(kind: str, value: str) -> str:
+    # So "4111 1111 1111 1111" and "4111-1111-1111-1111" get the same placeholder.
+    if kind in ("PHONE", "CREDIT_CARD", "US_SSN"):
+        return re.sub(r"\D", "", value)
+    if kind in ("IBAN", "MAC", "IPV6"):
+        return re.sub(r"[\s:.-]", "", value).upper()
+    if kind == "EMAIL":
+        return value.lower()
+    return value
+
+
+@dataclass
+class Scrubber:
+    """Run-wide scrubber. `key` (bytes) keys the HMAC; None draws a random one, so hashes of two runs
+    can't be linked and can't be reversed by hashing guesses without the key."""
+    mode: str = "mask"
+    key: bytes | None = None
+    types: tuple[str, ...] | None = None
+    rows_seen: int = 0
+    rows_touched: int = 0
+    rows_dropped: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    _placeholders: dict[bytes, str] = field(default_factory=dict, repr=False)
+    _per_type: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ScrubError(f"scrub mode {self.mode!r} is unknown; use one of {', '.join(MODES)}")
+        if self.types is not None:
+            unknown = set(self.types) - set(TYPES)
+            if unknown:
+                raise ScrubError(f"unknown detector type(s) {sorted(unknown)}; known: {', '.join(TYPES)}")
+        if self.key is None:
+            self.key = os.urandom(32)
+        elif isinstance(self.key, str):
+            self.key = self.key.encode()
+
+    def _digest(self, kind: str, value: str) -> bytes:
+        return hmac.new(self.key, f"{kind}\0{_normalize(kind, value)}".encode(), hashlib.sha256).digest()
+
+    def _replacement(self, kind: str, value: str) -> str:
+        digest = self._digest(kind, value)
+        if self.mode == "hash":
+            return f"<{kind}#{digest.hex()[:12]}>"
+        if digest not in self._placeholders:
+            self._per_type[kind] = self._per_type.get(kind, 0) + 1
+            self._placeholders[digest] = f"<{kind}_{self._per_type[kind]}>"
+        return self._placeholders[digest]
+
+    def scrub(self, text: str) -> tuple[str | None, list[Finding]]:
+        """Scrub one text. Returns (clean_text, findings); clean_text is None when mode is "drop-row"
+        and something was found. Findings' spans refer to the input text."""
+        if self.mode == "off":
+            return text, []
+        findings = find(text, self.types)
+        for f in findings:
+            self.counts[f.type] = self.counts.get(f.type, 0) + 1
+        if not findings:
+            return text, findings
+        if self.mode == "drop-row":
+            return None, findings
+        out, pos = [], 0
+        for f in findings:
+            out.append(text[pos:f.start])
+            out.append(self._replacement(f.type, text[f.start:f.end]))
+            pos = f.end
+        out.append(text[pos:])
+        return "".join(out), findings
+
+    def scrub_row(self, row: Any) -> Any:
+        """Scrub every string inside a row (str, or dict/list nesting such as {"messages": [...]}) and
+        count it. Returns the cleaned row, or None if the row is dropped."""
+        self.rows_seen += 1
+        hits: list[Finding] = []
+
+        def walk(x):
+            if isinstance(x, str):
+                clean, found = self.scrub(x)
+                hits.extend(found)
+                return clean
+            if isinstance(x, dict):
+                return {k: walk(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return type(x)(walk(v) for v in x)
+            return x
+
+        clean = walk(row)
+        if hits:
+            self.rows_touched += 1
+            if self.mode == "drop-row":
+                self.rows_dropped += 1
+                return None
+        return clean
+
+    def scrub_rows(self, rows) -> list:
+        """Scrub an iterable of rows, leaving out dropped ones."""
+        return [r for r in (self.scrub_row(row) for row in rows) if r is not None]
+
+    def report(self) -> dict:
+        """Counts only: never a found value, never the key."""
+        return {
+            "mode": self.mode,
+            "rows_seen": self.rows_seen,
+            "rows_touched": self.rows_touched,
+            "rows_dropped": self.rows_dropped,
+            "counts": dict(sorted(self.counts.items())),
+            "total_findings": sum(self.counts.values()),
+            "detectors": list(self.types or TYPES),
+            "ner": NER_STATUS,
+        }
+
+
+def scrub_text(text: str, mode: str = "mask", key: bytes | None = None) -> tuple[str | None, list[Finding]]:
+    """One-shot scrub. Placeholders are consistent within this call only; use `Scrubber` for a run."""
+    return Scrubber(mode=mode, key=key).scrub(text)
+
+
+__all__ = ["Finding", "Scrubber", "ScrubError", "scrub_text", "find", "MODES", "TYPES", "NER_STATUS"]

@@ -1,0 +1,113 @@
+"""Crash-safe training checkpoints.
+
+A checkpoint is a directory `step-NNNNNNNN/` under the run's `checkpoints/`: trainable (LoRA) weights,
+optimizer and scheduler state, RNG states and the position in the data order. It is written into a
+temporary directory, fsynced, then renamed into place; older checkpoints are deleted only after that,
+so a crash or a full disk mid-write leaves the previous checkpoint whole."""
+from __future__ import annotations
+
+from forge_rt.errors import ForgeError
+import io
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+
+_NAME = re.compile(r"step-(\d{8})")
+
+
+class CheckpointError(ForgeError, RuntimeError):
+    pass
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write(path: Path, data: bytes) -> None:
+    # Serialized in memory and written by Python, so a full disk surfaces as OSError (ENOSPC/EFBIG).
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def capture_rng() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], optimizer: dict,
+                    scheduler: dict, data_state: dict, keep: int = 1) -> Path:
+    """Writes checkpoint `step` atomically and then prunes to the newest `keep` checkpoints."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        rng = capture_rng()
+        state = io.BytesIO()
+        torch.save({"optimizer": optimizer, "scheduler": scheduler, "torch_rng": rng["torch"]}, state)
+        _write(tmp / "weights.safetensors", save({k: v.detach().contiguous() for k, v in weights.items()}))
+        _write(tmp / "state.pt", state.getvalue())
+        _write(tmp / "progress.json", json.dumps(
+            {"step": step, "data": data_state, "python_rng": _py_rng_to_json(rng["python"])}).encode())
+        _fsync_path(tmp)
+        if final.exists():  # re-checkpointing the same step (e.g. interrupt right after a periodic save)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_path(root)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        prev = latest_checkpoint(root)
+        kept = f"the previous checkpoint {prev} is intact" if prev else "there is no earlier checkpoint"
+        raise CheckpointError(
+            f"could not write checkpoint for step {step} in {root}: {exc.strerror or exc} "
+            f"(errno {exc.errno}); {kept}. Free disk space and resume with --resume.") from exc
+    for old in _checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _py_rng_to_json(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = _checkpoints(root)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path) -> dict:
+    """{'step', 'data', 'weights', 'optimizer', 'scheduler', 'rng'} of a checkpoint directory."""
+    try:
+        progress = json.loads((path / "progress.json").read_text())
+        state = torch.load(path / "state.pt", weights_only=True)
+        weights = load_file(path / "weights.safetensors")
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint {path} is unreadable ({exc}); delete it to fall back to an older one") from exc
+    version, internal, gauss = progress["python_rng"]
+    return {"step": progress["step"], "data": progress["data"], "weights": weights,
+            "optimizer": state["optimizer"], "scheduler": state["scheduler"],
+            "rng": {"torch": state["torch_rng"], "python": (version, tuple(internal), gauss)}}

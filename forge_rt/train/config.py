@@ -1,0 +1,194 @@
+"""Training configuration: defaults < config file (TOML/YAML) < command-line flags.
+
+One dataclass holds every knob; the CLI and the config file are both derived from it, so a config
+file can hold any flag and the resolved config saved with a run is complete."""
+from __future__ import annotations
+
+from forge_rt.errors import ForgeError
+import argparse
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ForgeError, ValueError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    # Inputs and outputs.
+    model: str | None = field(default=None, metadata=dict(help="HF model directory or .gguf file (default: shipped SmolLM2-135M-Instruct GGUF)"))
+    data: str | None = field(default=None, metadata=dict(help="training data, JSON/JSONL (alpaca, chat messages or prompt/completion); default: shipped demo"))
+    eval_data: str | None = field(default=None, metadata=dict(help="held-out data for the before/after evaluation (default: demo eval set when training on the demo)"))
+    retention_text: str | None = field(default=None, metadata=dict(help="general text whose perplexity guards against forgetting (default: shipped sample)"))
+    output: str | None = field(default=None, metadata=dict(help="run directory (default: runs/<timestamp>)"))
+    overwrite: bool = field(default=False, metadata=dict(help="replace an existing output directory"))
+    # LoRA.
+    lora_r: int = field(default=16, metadata=dict(help="LoRA rank"))
+    lora_alpha: float = field(default=32.0, metadata=dict(help="LoRA alpha (scaling = alpha / r)"))
+    lora_dropout: float = field(default=0.05, metadata=dict(help="dropout on the LoRA input"))
+    target_modules: str = field(default="all-linear", metadata=dict(help="'all-linear' or comma-separated module names (q_proj,v_proj,...)"))
+    # Optimisation.
+    lr: float = field(default=4e-4, metadata=dict(help="peak learning rate (AdamW; the README says why the default is not higher)"))
+    weight_decay: float = field(default=0.0, metadata=dict(help="AdamW weight decay"))
+    schedule: str = field(default="cosine", metadata=dict(help="learning-rate schedule", choices=["cosine", "linear", "constant"]))
+    warmup_steps: int = field(default=6, metadata=dict(help="linear warm-up steps"))
+    epochs: float = field(default=1.0, metadata=dict(help="passes over the training data (ignored when --max-steps is set)"))
+    max_steps: int | None = field(default=60, metadata=dict(help="optimizer steps; 0 or unset means use --epochs"))
+    batch_size: int = field(default=8, metadata=dict(help="examples per micro-batch"))
+    grad_accum: int = field(default=1, metadata=dict(help="micro-batches per optimizer step"))
+    max_grad_norm: float = field(default=1.0, metadata=dict(help="gradient clipping norm (0 disables)"))
+    max_len: int = field(default=320, metadata=dict(help="maximum tokens per example (longer ones are truncated and counted)"))
+    pack: bool = field(default=False, metadata=dict(help="pack several examples per sequence"))
+    seed: int = field(default=0, metadata=dict(help="random seed (data order, LoRA init, dropout)"))
+    grad_checkpointing: bool = field(default=False, metadata=dict(help="recompute activations in backward"))
+    # forge_rt native paths.
+    no_fused: bool = field(default=False, metadata=dict(help="stock PEFT LoRA on the full-precision model: no NF4 quantization, no fused kernels"))
+    no_paging: bool = field(default=False, metadata=dict(help="keep autograd's saved activations uncompressed in memory"))
+    paging_budget: str | None = field(default=None, metadata=dict(help="resident budget for saved activations, e.g. 512M or 2G (default: pager's own)"))
+    # Run control and reporting.
+    checkpoint_every: int = field(default=50, metadata=dict(help="write a checkpoint every N optimizer steps (0: only at the end / on interrupt)"))
+    log_every: int = field(default=10, metadata=dict(help="plain progress line every N steps when not on a terminal"))
+    no_live: bool = field(default=False, metadata=dict(help="no live progress/memory panel; plain log lines"))
+    no_eval: bool = field(default=False, metadata=dict(help="skip the before/after evaluation"))
+    eval_limit: int | None = field(default=None, metadata=dict(help="evaluate on the first N held-out examples only"))
+    eval_batch_size: int = field(default=32, metadata=dict(help="generation batch size for the evaluation"))
+    max_new_tokens: int = field(default=64, metadata=dict(help="greedy tokens generated per evaluation example"))
+    # Sovereign data handling.
+    scrub: str = field(default="mask", metadata=dict(help="PII scrubbing of training text before tokenization", choices=["mask", "hash", "drop-row", "off"]))
+    seal: bool = field(default=False, metadata=dict(help="encrypt the adapter at the end (passphrase from FORGE_RT_PASSPHRASE or a prompt) and remove the plaintext"))
+    shred_data: bool = field(default=False, metadata=dict(help="overwrite and delete the training data files after a successful run"))
+
+    def validate(self) -> None:
+        positive = ("lora_r", "batch_size", "grad_accum", "max_len", "eval_batch_size", "max_new_tokens")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0 (got {getattr(self, name)})")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1) (got {self.lora_dropout})")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0 (got {self.lr})")
+        if (self.max_steps or 0) <= 0 and self.epochs <= 0:
+            raise ConfigError("set --max-steps > 0 or --epochs > 0")
+        if self.paging_budget is not None:
+            parse_bytes(self.paging_budget)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_bytes(text: str | int) -> int:
+    """'512M' / '2G' / '1048576' -> bytes (binary units)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(?:i?[bB])?\s*", str(text))
+    if not m:
+        raise ConfigError(f"paging_budget {text!r} is not a size; use e.g. 512M or 2G")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _bool_flag(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:
+    parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action="store_true",
+                        default=argparse.SUPPRESS, help=_help(f))
+
+
+def _help(f: dataclasses.Field) -> str:
+    # argparse %-formats help strings: a literal % must be doubled.
+    return f.metadata["help"].replace("%", "%%")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m forge_rt.train",
+        description="Offline QLoRA fine-tuning with forge_rt's fused NF4 kernels and activation paging. "
+                    "With no arguments: SmolLM2-135M-Instruct on the shipped telemetry-triage demo, evaluated before/after.")
+    p.add_argument("--config", default=None, help="TOML or YAML file holding any of these flags (flags given here win)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
+    types = {"int": int, "float": float, "str": str}
+    for f in dataclasses.fields(TrainConfig):
+        if f.type == "bool":
+            _bool_flag(p, f)
+            continue
+        base = f.type.split("|")[0].strip()
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, type=types[base], help=_help(f))
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
+    return p
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    f = {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
+    if value is None:
+        if "None" not in f.type:
+            raise ConfigError(f"{source}: {name} cannot be empty")
+        return None
+    base = f.type.split("|")[0].strip()
+    ok = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}[base]
+    if not isinstance(value, ok) or (base in ("int", "float") and isinstance(value, bool)):
+        raise ConfigError(f"{source}: {name} must be {base}, got {type(value).__name__} {value!r}")
+    if "choices" in f.metadata and value not in f.metadata["choices"]:
+        raise ConfigError(f"{source}: {name} must be one of {f.metadata['choices']}, got {value!r}")
+    return float(value) if base == "float" else value
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Reads a TOML (.toml) or YAML (.yaml/.yml) file of flag values; keys use - or _."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    if p.suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ConfigError(f"config file {p}: use a .toml, .yaml/.yml or .json file")
+    try:
+        text = p.read_text()
+        if p.suffix == ".toml":
+            import tomllib  # stdlib from Python 3.11; YAML works everywhere
+            raw = tomllib.loads(text)
+        elif p.suffix == ".json":
+            raw = json.loads(text)
+        else:
+            raw = yaml.safe_load(text) or {}
+    except (ValueError, OSError, yaml.YAMLError) as exc:  # tomllib/json errors are ValueErrors
+        raise ConfigError(f"config file {p} could not be parsed: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {p} must hold a table/mapping of flag names to values")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in names:
+            raise ConfigError(f"config file {p}: unknown key {key!r}; valid keys are the train flags, e.g. lora_r, lr, max_steps")
+        out[name] = _coerce(name, value, f"config file {p}")
+    return out
+
+
+def resolve(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
+    """(config, resume_dir) from argv: defaults, then the --config file, then explicit flags."""
+    ns = vars(build_parser().parse_args(argv))
+    config_path = ns.pop("config", None)
+    resume = ns.pop("resume", None)
+    values: dict[str, Any] = {}
+    if resume is not None:
+        saved = Path(resume) / "config.json"
+        if not saved.is_file():
+            raise ConfigError(f"--resume {resume}: no config.json there; is it a forge_rt run directory?")
+        values.update(load_config_file(saved))
+    if config_path is not None:
+        values.update(load_config_file(config_path))
+    values.update(ns)
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg, resume
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    path.write_text(cfg.to_json() + "\n")

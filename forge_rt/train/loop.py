@@ -1,0 +1,163 @@
+"""The optimizer loop: deterministic data order, steps with gradient accumulation, per-step metrics,
+periodic checkpoints, and a clean stop on SIGINT/SIGTERM at a step end."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from forge_rt.monitor.sources import process_rss, reset_peak_rss
+from forge_rt.train import checkpoint as ckpt
+from forge_rt.train.config import TrainConfig
+from forge_rt.train.console import Progress, Stop
+
+
+class DataOrder:
+    """Deterministic shuffled micro-batches; the (epoch, position) state is what a checkpoint stores."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int = 0, pos: int = 0):
+        self.n, self.bs, self.seed, self.epoch, self.pos = n, batch_size, seed, epoch, pos
+        self.per_epoch = math.ceil(n / batch_size)
+
+    def next(self) -> list[int]:
+        if self.pos >= self.per_epoch:
+            self.epoch, self.pos = self.epoch + 1, 0
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        idx = perm[self.pos * self.bs:(self.pos + 1) * self.bs].tolist()
+        self.pos += 1
+        return idx
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+
+def total_steps(cfg: TrainConfig, n_examples: int) -> int:
+    if cfg.max_steps:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * math.ceil(n_examples / cfg.batch_size) / cfg.grad_accum))
+
+
+def _mark(monitor, phase: str, step: int | None = None) -> None:
+    if monitor is not None:
+        monitor.mark(phase, step)
+
+
+def _batch(tok_data, indices: list[int]) -> tuple[dict, int]:
+    """(collated batch, number of real tokens in it)."""
+    from forge_rt.train.data import collate
+    items = [tok_data[i] for i in indices]
+    return collate(items, tok_data.pad_token_id), sum(len(it["input_ids"]) for it in items)
+
+
+def trainable(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+class _State:
+    """Optimizer, schedule and data order of a run, restored from a checkpoint when resuming."""
+
+    def __init__(self, model, cfg: TrainConfig, n_examples: int, resume_state: dict | None):
+        from transformers import get_scheduler
+        self.params = trainable(model)
+        self.opt = torch.optim.AdamW(self.params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.total = total_steps(cfg, n_examples)
+        self.sched = get_scheduler(cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup", self.opt,
+                                   num_warmup_steps=min(cfg.warmup_steps, self.total), num_training_steps=self.total)
+        self.order = DataOrder(n_examples, cfg.batch_size, cfg.seed)
+        self.step = 0
+        if resume_state is not None:
+            with torch.no_grad():
+                for name, value in resume_state["weights"].items():
+                    self.params[name].copy_(value)
+            self.opt.load_state_dict(resume_state["optimizer"])
+            self.sched.load_state_dict(resume_state["scheduler"])
+            self.order = DataOrder(n_examples, cfg.batch_size, cfg.seed, **resume_state["data"])
+            self.step = resume_state["step"]
+            ckpt.restore_rng(resume_state["rng"])
+
+    def save(self, root: Path) -> None:
+        ckpt.save_checkpoint(root, self.step, {n: p.data for n, p in self.params.items()},
+                             self.opt.state_dict(), self.sched.state_dict(), self.order.state())
+
+
+def _step(model, tok_data, cfg: TrainConfig, st: _State, monitor) -> tuple[list[float], int, float]:
+    """One optimizer step (cfg.grad_accum micro-batches); returns (micro-batch losses, tokens, lr)."""
+    losses, n_tok = [], 0
+    for _ in range(cfg.grad_accum):
+        batch, n = _batch(tok_data, st.order.next())
+        n_tok += n
+        _mark(monitor, "forward", st.step + 1)
+        out = model(**batch, use_cache=False)  # with a cache, packed rows would attend across examples
+        _mark(monitor, "backward", st.step + 1)
+        (out.loss / cfg.grad_accum).backward()
+        losses.append(out.loss.item())
+    _mark(monitor, "optimizer", st.step + 1)
+    if cfg.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(st.params.values(), cfg.max_grad_norm)
+    lr = st.sched.get_last_lr()[0]
+    st.opt.step()
+    st.sched.step()
+    st.opt.zero_grad(set_to_none=True)
+    return losses, n_tok, lr
+
+
+def train_loop(model, tok_data, cfg: TrainConfig, run: Path, resume_state: dict | None, monitor, pager,
+               stop: Stop) -> dict:
+    """Runs optimizer steps up to the configured total; returns a summary. Checkpoints periodically,
+    at the end and on SIGINT/SIGTERM (summary['interrupted'] is then the signal number)."""
+    st = _State(model, cfg, len(tok_data), resume_state)
+    metrics_path = run / "metrics.jsonl"
+    _truncate_metrics(metrics_path, st.step)
+
+    def save() -> None:
+        _mark(monitor, "checkpoint", st.step)
+        st.save(run / "checkpoints")
+
+    model.train()
+    stop.deferring = True
+    progress = Progress(st.total, st.step, not cfg.no_live, cfg.log_every, monitor)
+    t_start, step_times, tps_all = time.time(), [], []
+    reset_peak_rss()  # the peak then covers training, not model loading
+    try:
+        with metrics_path.open("a") as mlog:
+            while st.step < st.total and stop.signum is None:
+                t0 = time.time()
+                losses, n_tok, lr = _step(model, tok_data, cfg, st, monitor)
+                paged = pager.end_step() if pager is not None else None
+                st.step += 1
+                dt = time.time() - t0
+                rss, peak = process_rss()
+                rec = {"step": st.step, "loss": sum(losses) / len(losses), "lr": lr, "tokens": n_tok,
+                       "tokens_per_s": n_tok / dt, "step_time_s": dt, "elapsed_s": time.time() - t_start,
+                       "rss_bytes": rss, "peak_rss_bytes": peak, "epoch": st.order.epoch, "paging": paged}
+                mlog.write(json.dumps(rec) + "\n")
+                mlog.flush()
+                step_times.append(dt)
+                tps_all.append(rec["tokens_per_s"])
+                progress.update(rec)
+                if st.step < st.total and cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:
+                    save()
+        save()
+    finally:
+        stop.deferring = False
+        progress.close()
+    return {"steps": st.step, "total_steps": st.total, "interrupted": stop.signum,
+            "train_time_s": time.time() - t_start, "step_times": step_times,
+            "peak_rss_bytes": process_rss()[1], "tokens_per_s_mean": (sum(tps_all) / len(tps_all)) if tps_all else None}
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drops per-step records past the checkpoint (those steps are redone)."""
+    if not path.exists():
+        return
+    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+    path.write_text("".join(l + "\n" for l in keep))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]

@@ -1,0 +1,137 @@
+"""The run's record: metrics.json (numbers), report.md (before/after table) and PNG plots of loss and
+memory over the training steps."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+EVAL_KEYS = ("score", "exact", "field_acc", "valid_json", "ppl_retention")
+
+
+def build_metrics(cfg, train: dict, base: dict | None, tuned: dict | None, *, data: dict, scrub: dict,
+                  paging: dict | None, fused_summary, eval_time_s: float, total_time_s: float) -> dict:
+    steps = train["step_times"]
+    m = {
+        "steps": train["steps"],
+        "total_steps": train["total_steps"],
+        "train_time_s": round(train["train_time_s"], 2),
+        "eval_time_s": round(eval_time_s, 2),
+        "total_time_s": round(total_time_s, 2),
+        "step_time_mean_s": (sum(steps) / len(steps)) if steps else None,
+        "tokens_per_s_mean": train["tokens_per_s_mean"],
+        "peak_rss_bytes_train": train["peak_rss_bytes"],
+        "fused": not cfg.no_fused,
+        "paging": None if cfg.no_paging else paging,
+        "fused_summary": dict(fused_summary) if fused_summary else None,
+        "data": data,
+        "scrub": scrub,
+        "config": dataclasses.asdict(cfg),
+    }
+    for key in EVAL_KEYS:
+        m[f"{key}_base"] = base.get(key) if base else None
+        m[f"{key}_tuned"] = tuned.get(key) if tuned else None
+    if base and tuned:
+        m["score_gain"] = _diff(tuned.get("score"), base.get("score"))
+        pb, pt = base.get("ppl_retention"), tuned.get("ppl_retention")
+        m["ppl_retention_change_pct"] = 100.0 * (pt - pb) / pb if pb and pt is not None else None
+        m["retention_ok"] = m["ppl_retention_change_pct"] is not None and m["ppl_retention_change_pct"] <= 10.0
+    m["samples_tuned"] = (tuned or {}).get("samples", [])[:5]
+    return m
+
+
+def _diff(a, b):
+    return None if a is None or b is None else a - b
+
+
+def summary_line(m: dict) -> str:
+    parts = [f"steps {m['steps']}", f"train {m['train_time_s']:.0f}s", f"eval {m['eval_time_s']:.0f}s"]
+    if m.get("score_base") is not None:
+        parts.append(f"score {m['score_base']:.1f} -> {m['score_tuned']:.1f}")
+        parts.append(f"retention ppl {m['ppl_retention_base']:.2f} -> {m['ppl_retention_tuned']:.2f}")
+    return "done: " + ", ".join(parts)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 10 else f"{v:.2f}"
+    return str(v)
+
+
+def plot(records: list[dict], run: Path) -> list[str]:
+    """loss.png over the training steps (memory over time is the MemoryMap's memory.png); returns the file names written."""
+    if not records:
+        return []
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(steps, [r["loss"] for r in records], lw=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title("Training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run / "loss.png", dpi=110)
+    plt.close(fig)
+
+    return ["loss.png"]
+
+
+def plot_memory_map(run: Path) -> list[str]:
+    """memory.png from the monitor's 10 Hz record (pools over time, phases shaded, peaks annotated)."""
+    record = run / "memory.jsonl"
+    if not record.exists():
+        return []
+    from forge_rt.monitor import replay
+    replay.render(replay.load(record), out=run / "memory.png")
+    return ["memory.png"]
+
+
+def render_markdown(m: dict, plots: list[str]) -> str:
+    lines = ["# forge_rt training report", ""]
+    d = m["data"]
+    lines += [f"- data: {d['n_train']} training examples ({d['format']} format) from `{d['path']}`; "
+              f"{d['n_truncated']} truncated to max_len {m['config']['max_len']}; {d['n_eval']} held-out",
+              f"- path: {'forge_rt NF4 + fused LoRA kernels' if m['fused'] else 'stock PEFT LoRA, full precision'}; "
+              f"paging {'off' if m['paging'] is None else 'on'}",
+              f"- steps: {m['steps']} in {m['train_time_s']:.0f} s "
+              f"({_fmt(m['step_time_mean_s'])} s/step, {_fmt(m['tokens_per_s_mean'])} tokens/s); "
+              f"evaluation {m['eval_time_s']:.0f} s; total {m['total_time_s']:.0f} s",
+              f"- peak RSS while training: {m['peak_rss_bytes_train'] / 2**30:.2f} GiB"]
+    if m.get("paging"):
+        p = m["paging"]
+        lines.append(f"- paging: {_fmt((p.get('bytes_raw') or 0) / 2**30)} GiB of saved activations paged, "
+                     f"{_fmt(p.get('ratio'))}x compression, {_fmt((p.get('bytes_spilled') or 0) / 2**20)} MiB spilled to disk "
+                     f"({p.get('codec', '')})")
+    s = m.get("scrub") or {}
+    lines.append(f"- PII scrubbing: {json.dumps(s)}")
+    if "egress_attempts" in m:
+        lines.append(f"- network egress (offline guard): {m['egress']}")
+    if m.get("sealed"):
+        lines.append(f"- adapter sealed to `{m['sealed']['sealed']}` ({m['sealed']['kdf']}, AES-256-GCM); "
+                     f"{m['sealed']['plaintext_shredded']} plaintext adapter/checkpoint files shredded")
+    if m.get("shredded"):
+        sh = m["shredded"]
+        lines.append(f"- training data shredded: {sh['files']} file(s), {sh['bytes']} bytes at {sh['time']} "
+                     f"(caveat: {sh['caveat']})")
+    if m.get("score_base") is not None:
+        lines += ["", "## Evaluation (held-out set, greedy decoding)", "",
+                  "| metric | base | tuned |", "|---|---|---|"]
+        for key in ("score", "exact", "field_acc", "valid_json", "ppl_retention"):
+            lines.append(f"| {key} | {_fmt(m[f'{key}_base'])} | {_fmt(m[f'{key}_tuned'])} |")
+        lines += ["", f"Score gain: {_fmt(m['score_gain'])} points. Retention perplexity change: "
+                      f"{_fmt(m['ppl_retention_change_pct'])}% (guard: <= +10%, "
+                      f"{'holds' if m['retention_ok'] else 'VIOLATED'})."]
+    for name in plots:
+        lines += ["", f"![{name}]({name})"]
+    return "\n".join(lines) + "\n"
+
+
+def write_run_report(run: Path, metrics: dict, records: list[dict]) -> None:
+    (run / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    (run / "report.md").write_text(render_markdown(metrics, plot(records, run) + plot_memory_map(run)))

@@ -1,0 +1,135 @@
+"""Trainer end to end on a tiny random Llama: run directory, metrics, resume, signals, offline."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+
+import pytest
+import torch
+
+from forge_rt import train
+from forge_rt.testing import make_tiny_model_dir, tiny_args, tiny_rows, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tiny(smollm2, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    model_dir = make_tiny_model_dir(root / "model", smollm2[1])
+    data = write_jsonl(root / "train.jsonl", tiny_rows())
+    return model_dir, data
+
+
+def _records(run):
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _block_outbound(monkeypatch) -> list:
+    """Records (and refuses) any connect() to a non-loopback address; returns the record."""
+    attempts = []
+    real_connect = socket.socket.connect
+
+    def guarded(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if self.family in (socket.AF_INET, socket.AF_INET6) and host not in ("127.0.0.1", "::1", "localhost"):
+            attempts.append(address)
+            raise OSError("outbound connection blocked by test")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+    return attempts
+
+
+def test_default_path_writes_complete_run_dir_offline(tiny, tmp_path, monkeypatch):
+    model_dir, data = tiny
+    attempts = _block_outbound(monkeypatch)
+    evals = write_jsonl(tmp_path / "eval.jsonl", tiny_rows(4))
+    run = tmp_path / "run"
+    args = tiny_args(model_dir, data, run, "--max-len", "56", "--eval-data", str(evals), "--max-new-tokens", "4",
+                     "--paging-budget", "1M")  # a small budget sends paged activations to the disk tier
+    args.remove("--no-eval")
+    assert train.main(args) == 0
+    for name in ("config.json", "metrics.jsonl", "metrics.json", "report.md", "loss.png", "memory.png",
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "tokenizer/tokenizer.json"):
+        assert (run / name).is_file(), name
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000006"]
+    recs = _records(run)
+    assert [r["step"] for r in recs] == list(range(1, 7))
+    assert all(r["tokens_per_s"] > 0 and r["rss_bytes"] > 0 and r["lr"] >= 0 for r in recs)
+    assert recs[0]["paging"]["bytes_raw"] > 0 and sum(r["paging"]["bytes_spilled"] for r in recs) > 0
+    m = json.loads((run / "metrics.json").read_text())
+    for key in ("score_base", "score_tuned", "ppl_retention_base", "ppl_retention_tuned"):
+        assert isinstance(m[key], float | int), key
+    assert m["fused"] is True and m["steps"] == 6
+    assert m["data"]["format"] == "prompt_completion" and m["data"]["n_truncated"] > 0  # max_len 56 truncates
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["max_len"] == 56 and cfg["lora_r"] == 4 and cfg["model"] == str(model_dir)
+    assert "| score |" in (run / "report.md").read_text()
+    # Offline: nothing tried to reach the network, and the hub libraries were set offline.
+    assert attempts == [] and os.environ["HF_HUB_OFFLINE"] == "1"
+    if importlib.util.find_spec("forge_rt.sovereign") is not None:  # its guard counts blocked attempts
+        assert m["egress_attempts"] == 0
+    # The adapter's LoRA B matrices moved away from their zero init.
+    from safetensors.torch import load_file
+    w = load_file(run / "adapter/adapter_model.safetensors")
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in w.items())
+
+
+def test_interrupt_and_resume_matches_uninterrupted(tiny, tmp_path, monkeypatch):
+    model_dir, data = tiny
+    flags = ("--lora-dropout", "0.1")  # dropout draws from the RNG that the checkpoint must restore
+    full = tmp_path / "full"
+    assert train.main(tiny_args(model_dir, data, full, *flags)) == 0
+
+    # A real SIGINT delivered during optimizer step 3 (of 6): the trainer finishes the step,
+    # checkpoints and exits cleanly.
+    calls = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def step_then_signal(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, *a, **k)
+
+    handler_before = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_signal)
+    part = tmp_path / "part"
+    assert train.main(tiny_args(model_dir, data, part, *flags)) == 128 + signal.SIGINT
+    assert [p.name for p in (part / "checkpoints").iterdir()] == ["step-00000003"]
+    assert not (part / "adapter").exists()
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handler restored
+
+    assert train.main(["--resume", str(part), "--no-live"]) == 0
+    a, b = _records(full), _records(part)
+    assert [r["step"] for r in b] == [r["step"] for r in a] == list(range(1, 7))
+    assert abs(b[-1]["loss"] - a[-1]["loss"]) <= 0.02 * abs(a[-1]["loss"])
+    # Same optimizer trajectory: restored optimizer/scheduler/RNG/data order give the same losses.
+    assert [r["lr"] for r in b] == [r["lr"] for r in a]
+    torch.testing.assert_close([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-4, atol=1e-5)
+
+
+def test_seal_shred_and_scrub(tiny, tmp_path, monkeypatch, capsys):
+    model_dir, _ = tiny
+    rows = tiny_rows()
+    rows[0]["prompt"] += " Reported by ops.lead@example.com"
+    data = write_jsonl(tmp_path / "private.jsonl", rows)
+    run = tmp_path / "run"
+    monkeypatch.setenv("FORGE_RT_PASSPHRASE", "correct horse battery staple")
+    assert train.main(tiny_args(model_dir, data, run, "--max-steps", "2", "--seal", "--shred-data",
+                                 "--pack", "--grad-checkpointing")) == 0
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["scrub"]["counts"] == {"EMAIL": 1} and m["scrub"]["rows_touched"] == 1
+    assert "example.com" not in (run / "metrics.json").read_text()
+    assert (run / "adapter.sealed").is_file() and not (run / "adapter").exists() and not (run / "checkpoints").exists()
+    assert not data.exists() and m["shredded"]["files"] == 1
+    from forge_rt import generate
+    model, tok, _ = generate.load_run(run)  # decrypts in memory with FORGE_RT_PASSPHRASE
+    assert model.forge_rt_summary["accelerated"] > 0
+    monkeypatch.setenv("FORGE_RT_PASSPHRASE", "wrong")
+    from forge_rt.sovereign.seal import WrongPassphraseError
+    with pytest.raises(WrongPassphraseError):
+        generate.load_run(run)
