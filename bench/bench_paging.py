@@ -14,7 +14,6 @@ Prints markdown tables; --json PATH also writes the numbers.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import statistics
@@ -27,30 +26,18 @@ import time
 import lz4.block
 import torch
 
+from forge_rt import testing
+from forge_rt.testing import cut_layers, prose_ids
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.append(ROOT)  # after PYTHONPATH, so a private build can be benchmarked
-
-
-def prose_ids(tok, batch, tokens):
-    import collections, email, json as js, logging, pathlib, re, threading as th, unittest, argparse as ap
-    mods = (collections, email, js, logging, os, pathlib, re, subprocess, th, inspect, unittest, ap, tempfile)
-    text = "\n\n".join(inspect.getdoc(m) or "" for m in mods)
-    ids = tok(text, return_tensors="pt").input_ids[0]
-    reps = -(-batch * tokens // ids.numel())
-    return ids.repeat(reps)[: batch * tokens].view(batch, tokens)
 
 
 def lora_model(dtype, layers=None):
-    from peft import LoraConfig, get_peft_model
     from forge_rt.train.model import load_model
     model, tok = load_model(dtype=torch.float32)
     if layers:
-        model.model.layers = model.model.layers[:layers]
-        model.config.num_hidden_layers = layers
-    model = model.to(dtype)
-    cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    return get_peft_model(model, cfg), tok
+        cut_layers(model, layers)
+    return testing.lora_model(model.to(dtype)), tok
 
 
 def capture_saved(model, ids, min_bytes=65536):

@@ -21,15 +21,14 @@ from torch import nn
 
 from forge_rt import nf4
 import forge_rt.nn as swap
+from forge_rt.testing import LLAMA_TARGETS, cut_layers
 from forge_rt.train.model import load_model
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def bnb_model(layers: int):
     model, _ = load_model(dtype=torch.float32)
-    model.model.layers = model.model.layers[:layers]
-    model.config.num_hidden_layers = layers
+    cut_layers(model, layers)
     for name, mod in list(model.named_modules()):
         if type(mod) is nn.Linear and name != "lm_head":
             packed, state = nf4.quantize(mod.weight.data).to_bnb()
@@ -40,7 +39,7 @@ def bnb_model(layers: int):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, new)
     model.is_loaded_in_4bit = True
-    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=list(LLAMA_TARGETS)))
 
 
 def timed(fn) -> float:

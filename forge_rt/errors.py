@@ -6,3 +6,27 @@ from __future__ import annotations
 
 class ForgeError(Exception):
     """A problem the user can fix; its message names the thing and the fix."""
+
+
+class MissingExtra(ForgeError, ImportError):
+    """An optional dependency of one feature is not installed; the message names the pip extra."""
+
+
+def require_extra(extra: str, feature: str):
+    """Context manager for a module's optional imports: an ImportError becomes a MissingExtra that says
+    which `pip install 'forge_rt[extra]'` brings it."""
+    return _RequireExtra(extra, feature)
+
+
+class _RequireExtra:
+    def __init__(self, extra: str, feature: str):
+        self.extra, self.feature = extra, feature
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, ImportError) and not issubclass(exc_type, MissingExtra):
+            raise MissingExtra(f"{self.feature} needs the package {exc.name!r}, which is not installed: "
+                               f"pip install 'forge_rt[{self.extra}]'") from exc
+        return False

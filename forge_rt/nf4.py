@@ -39,6 +39,37 @@ class NF4Weight:
     offset: float | None = None
     _absmax_cache: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
+    def __post_init__(self):
+        # Validated once, here: every kernel reads these buffers by raw pointer, so a wrong size would
+        # read out of bounds rather than fail.
+        self.shape = torch.Size(self.shape)
+        n = self.shape.numel()
+        if self.quant_type not in QUANT_TYPES:
+            raise NF4Error(f"NF4Weight: quant_type {self.quant_type!r} is not supported (use 'nf4' or 'fp4')")
+        if self.blocksize not in BLOCKSIZES:
+            raise NF4Error(f"NF4Weight: blocksize {self.blocksize} is not one of {BLOCKSIZES}")
+        if self.packed.dtype != torch.uint8 or self.packed.dim() != 1:
+            raise NF4Error(f"NF4Weight: packed must be a 1-D uint8 tensor, got {self.packed.dtype} "
+                           f"{tuple(self.packed.shape)}")
+        if self.packed.numel() != (n + 1) // 2:
+            raise NF4Error(f"NF4Weight {tuple(self.shape)}: packed has {self.packed.numel()} bytes, needs {(n + 1) // 2}")
+        n_blocks = -(-n // self.blocksize)
+        if self.absmax.numel() != n_blocks:
+            raise NF4Error(f"NF4Weight {tuple(self.shape)}: absmax has {self.absmax.numel()} entries; blocks of "
+                           f"{self.blocksize} need {n_blocks}")
+        if self.nested_absmax is None:
+            if self.absmax.dtype != torch.float32:
+                raise NF4Error(f"NF4Weight: absmax is {self.absmax.dtype}; without nested_absmax it must be float32 "
+                               "(a uint8 absmax needs nested_absmax, nested_code and offset)")
+            return
+        n_nested = -(-n_blocks // NESTED_BLOCKSIZE)
+        if (self.absmax.dtype != torch.uint8 or self.nested_code is None or self.nested_code.numel() != 256
+                or self.offset is None or self.nested_absmax.numel() != n_nested):
+            raise NF4Error(f"NF4Weight: a double-quantized weight needs a uint8 absmax, {n_nested} nested_absmax "
+                           f"values, a 256-entry nested_code and an offset; got absmax {self.absmax.dtype}, "
+                           f"{self.nested_absmax.numel()} nested_absmax, nested_code "
+                           f"{None if self.nested_code is None else self.nested_code.numel()}, offset {self.offset}")
+
     @property
     def double_quant(self) -> bool:
         return self.nested_absmax is not None
@@ -203,6 +234,9 @@ def dequantize(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     if which == "triton":
         from forge_rt.kernels import nf4_triton
         return nf4_triton.dequantize(w, dtype)
+    if which == "reference":
+        from forge_rt.kernels import nf4_reference
+        return nf4_reference.dequantize(w, dtype)
     packed = w.packed.contiguous()
     n = w.numel
     absmax = w.absmax_fp32().contiguous()
@@ -212,10 +246,7 @@ def dequantize(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
         stream = torch.cuda.current_stream(packed.device).cuda_stream
         _require_native().nf4_dequantize_cuda(packed.data_ptr(), absmax.data_ptr(), n, w.blocksize, qt,
                                               out.data_ptr(), stream)
-    elif which == "cpu":
+    else:
         out = torch.empty(n, dtype=torch.float32)
         _require_native().nf4_dequantize(packed.data_ptr(), absmax.data_ptr(), n, w.blocksize, qt, out.data_ptr())
-    else:  # the reference: the same math in torch
-        codes = torch.stack([packed >> 4, packed & 15], dim=1).view(-1)[:n].long()
-        out = w.code()[codes] * absmax.repeat_interleave(w.blocksize)[:n]
     return out.view(w.shape).to(dtype)

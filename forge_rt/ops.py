@@ -12,7 +12,7 @@ import torch
 
 from forge_rt import backend
 from forge_rt.kernels import QLORA_BACKENDS, qlora_kernels
-
+from forge_rt.nf4 import NF4Weight
 
 
 def dropout_seed() -> int:
@@ -34,12 +34,9 @@ def _check(x, w, lora_A, lora_B, bias, dropout) -> None:
     if not isinstance(x, torch.Tensor) or x.dtype not in backend.FLOAT_DTYPES:
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
         raise TypeError(f"qlora_linear: x must be a float32/float16/bfloat16 tensor, got {got}")
-    for field in ("packed", "shape", "blocksize", "absmax_fp32", "code"):
-        if not hasattr(w, field):
-            raise TypeError(f"qlora_linear: w_nf4 must be a forge_rt.nf4.NF4Weight (missing .{field}); "
-                            "build one with forge_rt.nf4.quantize(weight) or NF4Weight.from_bnb(...)")
-    if getattr(w, "quant_type", "nf4") not in ("nf4", "fp4"):
-        raise ValueError(f"qlora_linear: quant_type {w.quant_type!r} is not supported (use 'nf4' or 'fp4')")
+    if not isinstance(w, NF4Weight):  # an NF4Weight validated its own buffers when it was built
+        raise TypeError(f"qlora_linear: w_nf4 must be a forge_rt.nf4.NF4Weight, got {type(w).__name__}; "
+                        "build one with forge_rt.nf4.quantize(weight) or NF4Weight.from_bnb(...)")
     N, K = int(w.shape[0]), int(w.shape[1])
     if x.dim() == 0 or x.shape[-1] != K:
         raise ValueError(f"qlora_linear: x has shape {tuple(x.shape)}, but the NF4 weight is "

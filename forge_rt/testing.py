@@ -1,11 +1,17 @@
-"""Shared by the trainer tests: a tiny random Llama saved as a HF model directory (with SmolLM2's
-tokenizer, so chat templates are real) and a small prompt/completion dataset."""
+"""Helpers shared by tests/ and bench/ (as torch.testing is): tiny random models saved as HF directories
+(with SmolLM2's tokenizer, so chat templates are real), small datasets, real-prose token batches, SmolLM2
+cut to a few layers, LoRA and bitsandbytes-4-bit versions of a model, and a relative error."""
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
 import torch
+from torch import nn
+
+# Every linear layer of a Llama-style decoder block.
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def make_tiny_model_dir(path: Path, tokenizer) -> Path:
@@ -36,3 +42,49 @@ def tiny_args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return ["--model", str(model_dir), "--data", str(data), "--output", str(out), "--no-live", "--no-eval",
             "--max-steps", "6", "--batch-size", "4", "--max-len", "64", "--lora-r", "4", "--warmup-steps", "1",
             "--checkpoint-every", "2", "--lr", "5e-3", *extra]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Norm-wise relative error of a against b, in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def prose_ids(tokenizer, batch: int, tokens: int) -> torch.Tensor:
+    """batch x tokens ids of real English prose (the standard library's docstrings), no padding; the
+    text repeats if it is shorter than asked."""
+    import argparse, collections, email, logging, os, pathlib, re, subprocess, tempfile, threading, unittest
+    mods = (collections, email, json, logging, os, pathlib, re, subprocess, threading, inspect, unittest,
+            argparse, tempfile)
+    ids = tokenizer("\n\n".join(inspect.getdoc(m) or "" for m in mods), return_tensors="pt").input_ids[0]
+    reps = -(-batch * tokens // ids.numel())
+    return ids.repeat(reps)[: batch * tokens].view(batch, tokens)
+
+
+def cut_layers(model, n_layers: int):
+    """Keeps only the first n decoder layers of a HF causal LM, in place."""
+    model.model.layers = model.model.layers[:n_layers]
+    model.config.num_hidden_layers = n_layers
+    return model
+
+
+def lora_model(model, r: int = 16, alpha: int = 32, targets=LLAMA_TARGETS, **kw):
+    """The model wrapped in PEFT LoRA on `targets` (dropout 0 unless given)."""
+    from peft import LoraConfig, get_peft_model
+    kw.setdefault("lora_dropout", 0.0)
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), **kw))
+
+
+def to_bnb4bit(model, skip: str = "lm_head"):
+    """Every nn.Linear (but `skip`) replaced, in place, by a bitsandbytes Linear4bit (NF4, blocksize 64,
+    double quantization) that bitsandbytes quantizes itself on the CPU."""
+    import bitsandbytes as bnb
+    for name, mod in list(model.named_modules()):
+        if type(mod) is nn.Linear and skip not in name:
+            new = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                                    compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
+            new.weight = bnb.nn.Params4bit(mod.weight.data, requires_grad=False, quant_type="nf4",
+                                           compress_statistics=True, blocksize=64)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new.to("cpu"))
+    model.is_loaded_in_4bit = True  # how PEFT recognises a bitsandbytes 4-bit model
+    return model

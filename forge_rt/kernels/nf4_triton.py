@@ -9,7 +9,6 @@ Triton decides at import whether kernels run compiled or in the interpreter: set
 before importing this module to run it on CPU tensors."""
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
@@ -63,16 +62,9 @@ def scale_args(w) -> tuple:
     """(absmax, nested_absmax, nested_code, offset, double_quant) for `nf4_scales`; unused pointers
     repeat `absmax` so every launch has the same signature."""
     device = w.packed.device
-    if w.nested_absmax is None:
-        if w.absmax.dtype != torch.float32:
-            raise ValueError(f"NF4Weight.absmax is {w.absmax.dtype}; without nested_absmax it must be float32 "
-                             "(a uint8 absmax needs nested_absmax, nested_code and offset)")
+    if w.nested_absmax is None:  # NF4Weight validated the absmax dtypes and sizes
         absmax = _on(w.absmax, device)
         return absmax, absmax, absmax, 0.0, False
-    if w.absmax.dtype != torch.uint8 or w.nested_code is None or w.offset is None:
-        raise ValueError("double-quantized NF4Weight needs a uint8 absmax, nested_code and offset; "
-                         f"got absmax {w.absmax.dtype}, nested_code {w.nested_code is not None}, "
-                         f"offset {w.offset is not None}")
     return (_on(w.absmax, device), _on(w.nested_absmax, device).float(), _on(w.nested_code, device).float(),
             float(w.offset), True)
 
@@ -92,27 +84,6 @@ def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device).contiguous()
 
 
-def check_weight(w) -> None:
-    """Clear errors for an NF4Weight the kernels can't read (they would read out of bounds), before
-    launching anything."""
-    numel = math.prod(w.shape)
-    if w.packed.dtype != torch.uint8 or not w.packed.is_contiguous():
-        raise ValueError(f"NF4Weight.packed must be a contiguous uint8 tensor, got {w.packed.dtype} with "
-                         f"strides {w.packed.stride()}")
-    if w.packed.numel() != (numel + 1) // 2:
-        raise ValueError(f"NF4Weight.packed has {w.packed.numel()} bytes; shape {tuple(w.shape)} needs "
-                         f"{(numel + 1) // 2}")
-    if w.blocksize <= 0:
-        raise ValueError(f"NF4Weight.blocksize must be positive, got {w.blocksize}")
-    n_blocks = -(-numel // w.blocksize)
-    if w.absmax.numel() < n_blocks:
-        raise ValueError(f"NF4Weight.absmax has {w.absmax.numel()} entries; {numel} elements in blocks of "
-                         f"{w.blocksize} need {n_blocks}")
-    if w.nested_absmax is not None and w.nested_absmax.numel() < -(-n_blocks // NESTED_BLOCKSIZE):
-        raise ValueError(f"NF4Weight.nested_absmax has {w.nested_absmax.numel()} entries; {n_blocks} blocks "
-                         f"need {-(-n_blocks // NESTED_BLOCKSIZE)}")
-
-
 @triton.jit
 def _dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, out_ptr,
                        numel, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
@@ -130,7 +101,6 @@ def dequantize(w, dtype: torch.dtype | None = None) -> torch.Tensor:
     dtype = dtype or w.dtype
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dequantize: dtype must be one of {FLOAT_DTYPES}, got {dtype}")
-    check_weight(w)
     out = torch.empty(tuple(w.shape), dtype=dtype, device=w.packed.device)
     numel = out.numel()
     if numel == 0:

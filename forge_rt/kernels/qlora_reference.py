@@ -1,14 +1,15 @@
-"""PyTorch oracle of the fused 4-bit LoRA linear: dequantize the whole weight, then plain matmuls
-in fp32. Slow and memory-hungry by design; it is what the other backends are checked against."""
+"""PyTorch oracle of the fused 4-bit LoRA linear: dequantize the whole weight in torch (nf4_reference,
+no native code), then plain matmuls in fp32. Slow and memory-hungry by design; it is what the other
+backends are checked against."""
 from __future__ import annotations
 
 import torch
 
-from forge_rt import nf4
+from forge_rt.kernels import nf4_reference
 
 
 def _weight(w, device: torch.device) -> torch.Tensor:
-    return nf4.dequantize(w, torch.float32).to(device)
+    return nf4_reference.dequantize(w, torch.float32).to(device)
 
 
 def forward(x, w, xa, B, scaling: float, bias):

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from forge_rt.backend import FLOAT_DTYPES
-from forge_rt.kernels.nf4_triton import check_weight, code_on, nf4_tile, scale_args
+from forge_rt.kernels.nf4_triton import code_on, nf4_tile, scale_args
 from forge_rt.nf4 import NESTED_BLOCKSIZE
 
 
@@ -194,7 +194,6 @@ def _check_weight_on(w, like: torch.Tensor) -> tuple[int, int]:
     if len(w.shape) != 2:
         raise ValueError(f"the NF4 weight of a linear layer must be 2-D (out_features, in_features), "
                          f"got shape {tuple(w.shape)}")
-    check_weight(w)
     if w.packed.device != like.device:
         raise ValueError(f"NF4 weight is on {w.packed.device} but the input is on {like.device}; move one of them")
     return tuple(w.shape)

@@ -14,8 +14,11 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
+from forge_rt.errors import require_extra
+
+with require_extra("monitor", "the MemoryMap replay (forge_rt.monitor)"):
+    from rich.console import Console
+    from rich.table import Table
 
 from forge_rt.monitor.sampler import record_path
 from forge_rt.monitor.sources import POOLS

@@ -10,11 +10,14 @@ import contextlib
 import threading
 import time
 
-from rich.console import Console, Group
-from rich.live import Live
-from rich.panel import Panel
-from rich.table import Table
-from rich.text import Text
+from forge_rt.errors import require_extra
+
+with require_extra("monitor", "the MemoryMap panel (forge_rt.monitor)"):
+    from rich.console import Console, Group
+    from rich.live import Live
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
 
 from forge_rt.monitor.sources import POOLS
 

@@ -78,6 +78,21 @@ def _is_local_address(family, address) -> bool:
     return isinstance(address, tuple) and bool(address) and _is_local_host(address[0])
 
 
+# What the guard wraps: (owner, attribute, where the target is in the call's arguments, allowed?).
+# Socket methods get the socket first; sendto's address is its last argument.
+_SOCK_ADDR = (lambda a: a[1], lambda a, t: _is_local_address(a[0].family, t))
+_HOST = (lambda a: a[0], lambda a, t: not _needs_dns(t))
+_GUARDED = (
+    (socket.socket, "connect", *_SOCK_ADDR),
+    (socket.socket, "connect_ex", *_SOCK_ADDR),
+    (socket.socket, "sendto", lambda a: a[-1], lambda a, t: _is_local_address(a[0].family, t)),
+    (socket, "create_connection", lambda a: a[0], lambda a, t: _is_local_address(None, t)),
+    (socket, "getaddrinfo", *_HOST),
+    (socket, "gethostbyname", *_HOST),
+    (socket, "gethostbyname_ex", *_HOST),
+)
+
+
 @dataclass
 class Attempt:
     what: str       # "connect", "create_connection", "getaddrinfo", ...
@@ -104,64 +119,32 @@ class Guard:
     def install(self) -> "Guard":
         if self.active:
             return self
-        orig = {"connect": socket.socket.connect, "connect_ex": socket.socket.connect_ex,
-                "create_connection": socket.create_connection, "getaddrinfo": socket.getaddrinfo,
-                "gethostbyname": socket.gethostbyname, "gethostbyname_ex": socket.gethostbyname_ex,
-                "sendto": socket.socket.sendto}
-        guard = self
-
-        def connect(sock, address):
-            if not _is_local_address(sock.family, address):
-                raise guard._block("connect", address)
-            return orig["connect"](sock, address)
-
-        def connect_ex(sock, address):
-            if not _is_local_address(sock.family, address):
-                raise guard._block("connect_ex", address)
-            return orig["connect_ex"](sock, address)
-
-        def sendto(sock, data, *args):
-            address = args[-1]
-            if not _is_local_address(sock.family, address):
-                raise guard._block("sendto", address)
-            return orig["sendto"](sock, data, *args)
-
-        def create_connection(address, *args, **kwargs):
-            if not _is_local_address(None, address):
-                raise guard._block("create_connection", address)
-            return orig["create_connection"](address, *args, **kwargs)
-
-        def getaddrinfo(host, *args, **kwargs):
-            if _needs_dns(host):
-                raise guard._block("getaddrinfo", host)
-            return orig["getaddrinfo"](host, *args, **kwargs)
-
-        def gethostbyname(host):
-            if _needs_dns(host):
-                raise guard._block("gethostbyname", host)
-            return orig["gethostbyname"](host)
-
-        def gethostbyname_ex(host):
-            if _needs_dns(host):
-                raise guard._block("gethostbyname_ex", host)
-            return orig["gethostbyname_ex"](host)
-
-        self._saved = orig
-        socket.socket.connect, socket.socket.connect_ex, socket.socket.sendto = connect, connect_ex, sendto
-        socket.create_connection, socket.getaddrinfo = create_connection, getaddrinfo
-        socket.gethostbyname, socket.gethostbyname_ex = gethostbyname, gethostbyname_ex
+        self._saved = {}
+        for owner, name, target_of, allowed in _GUARDED:
+            orig = getattr(owner, name)
+            self._saved[(owner, name)] = orig
+            setattr(owner, name, self._wrap(name, orig, target_of, allowed))
         self._env_saved = {k: os.environ.get(k) for k in OFFLINE_ENV}
         os.environ.update(OFFLINE_ENV)
         self.active = True
         return self
 
+    def _wrap(self, name: str, orig, target_of, allowed):
+        guard = self
+
+        def guarded(*args, **kwargs):
+            target = target_of(args)
+            if not allowed(args, target):
+                raise guard._block(name, target)
+            return orig(*args, **kwargs)
+        guarded.__name__ = guarded.__qualname__ = name
+        return guarded
+
     def uninstall(self) -> None:
         if not self.active:
             return
-        o = self._saved
-        socket.socket.connect, socket.socket.connect_ex, socket.socket.sendto = o["connect"], o["connect_ex"], o["sendto"]
-        socket.create_connection, socket.getaddrinfo = o["create_connection"], o["getaddrinfo"]
-        socket.gethostbyname, socket.gethostbyname_ex = o["gethostbyname"], o["gethostbyname_ex"]
+        for (owner, name), orig in self._saved.items():
+            setattr(owner, name, orig)
         for k, v in self._env_saved.items():
             if v is None:
                 os.environ.pop(k, None)

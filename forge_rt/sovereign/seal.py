@@ -22,7 +22,7 @@ ciphertext or tag and a wrong passphrase apart, each with its own error.
 """
 from __future__ import annotations
 
-from forge_rt.errors import ForgeError
+from forge_rt.errors import ForgeError, require_extra
 from forge_rt.sovereign.passphrase import PASSPHRASE_ENV, PassphraseError, get_passphrase  # noqa: F401 (re-exported)
 import argparse
 import getpass
@@ -37,9 +37,10 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+with require_extra("seal", "sealing (forge_rt.sovereign.seal)"):
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 MAGIC = b"FRTSEAL\0"
 VERSION = 1

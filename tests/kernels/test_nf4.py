@@ -208,3 +208,15 @@ def test_dequantize_agrees_across_backends(monkeypatch, forced):
     want = bnbf.dequantize_4bit(packed, state)
     monkeypatch.setenv("FORGE_RT_BACKEND", forced)
     torch.testing.assert_close(nf4.dequantize(q), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_reference_code_books_are_independent_and_agree(quant_type):
+    """The torch oracle's written-out code books equal bitsandbytes' and the C++ ones; the C++ decoder
+    equals the oracle's decode of the same bytes."""
+    from forge_rt.kernels import nf4_reference
+    assert torch.equal(nf4_reference.code(quant_type), bnbF.get_4bit_type(quant_type, device="cpu").float())
+    assert torch.equal(nf4_reference.code(quant_type), nf4._code(quant_type))
+    for shape in SHAPES:
+        w = nf4.quantize(_weight(shape, torch.float32), blocksize=64, quant_type=quant_type)
+        assert torch.equal(nf4.dequantize(w, torch.float32), nf4_reference.dequantize(w, torch.float32))

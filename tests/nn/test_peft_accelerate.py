@@ -10,9 +10,10 @@ bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
 
 import forge_rt.nn as swap  # noqa: E402
+from forge_rt.testing import LLAMA_TARGETS, cut_layers, rel_err, to_bnb4bit  # noqa: E402
 from forge_rt.nn import peft as fused_peft  # noqa: E402
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = list(LLAMA_TARGETS)
 N_LAYERS = 1
 
 
@@ -21,8 +22,7 @@ def _cut_lm(smollm2, n_layers):
     model, tok = smollm2
     # Share (don't copy) the decoder layers that get dropped; the session model itself is untouched.
     base = copy.deepcopy(model, {id(layer): layer for layer in model.model.layers[n_layers:]})
-    base.model.layers = base.model.layers[:n_layers]
-    base.config.num_hidden_layers = n_layers
+    cut_layers(base, n_layers)
     text = ["The capital of France is Paris, and the capital of Italy is Rome, as every atlas says.",
             "Water boils at one hundred degrees Celsius at sea level, and freezes at zero degrees."]
     ids = torch.stack([tok(t, return_tensors="pt").input_ids[0, :16] for t in text])
@@ -37,20 +37,6 @@ def small_lm(smollm2):
 @pytest.fixture
 def full_lm(smollm2):
     return _cut_lm(smollm2, smollm2[0].config.num_hidden_layers)
-
-
-def _to_bnb4bit(model):
-    """Replace nn.Linear (not lm_head) with bitsandbytes Linear4bit quantized by bitsandbytes on CPU."""
-    for name, mod in list(model.named_modules()):
-        if type(mod) is nn.Linear and "lm_head" not in name:
-            new = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=mod.bias is not None,
-                                    compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
-            new.weight = bnb.nn.Params4bit(mod.weight.data, requires_grad=False, quant_type="nf4",
-                                           compress_statistics=True, blocksize=64)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, new.to("cpu"))
-    model.is_loaded_in_4bit = True  # how PEFT recognises a bitsandbytes 4-bit model
-    return model
 
 
 def _lora(model, **kw):
@@ -72,14 +58,10 @@ def _step(pm, ids):
     return out.logits.detach(), grads
 
 
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
 @pytest.mark.parametrize("lm", ["small_lm", "full_lm"])
 def test_accelerate_matches_stock_peft_over_bitsandbytes(lm, request):
     model, ids = request.getfixturevalue(lm)
-    pm = _lora(_to_bnb4bit(model))
+    pm = _lora(to_bnb4bit(model))
     assert isinstance(pm.base_model.model.model.layers[0].self_attn.q_proj, peft.tuners.lora.bnb.Linear4bit)
     logits_ref, grads_ref = _step(pm, ids)
 
@@ -87,10 +69,10 @@ def test_accelerate_matches_stock_peft_over_bitsandbytes(lm, request):
     n_layers = model.config.num_hidden_layers
     assert pm.forge_rt_summary == {"enabled": True, "accelerated": 7 * n_layers, "skipped": {}}
     logits, grads = _step(pm, ids)
-    assert _rel(logits, logits_ref) < 1e-4
+    assert rel_err(logits, logits_ref) < 1e-4
     assert grads.keys() == grads_ref.keys() and len(grads) == 2 * 7 * n_layers
     for name in grads:
-        assert _rel(grads[name], grads_ref[name]) < 1e-4, name
+        assert rel_err(grads[name], grads_ref[name]) < 1e-4, name
 
 
 def test_disable_restores_stock_forward_and_saved_adapter(small_lm, tmp_path):
@@ -105,7 +87,7 @@ def test_disable_restores_stock_forward_and_saved_adapter(small_lm, tmp_path):
     assert [n for n, _ in pm.named_parameters()] == names_before
     with torch.no_grad():
         fused = pm(input_ids=ids).logits
-    assert _rel(fused, stock) < 1e-4
+    assert rel_err(fused, stock) < 1e-4
     pm.save_pretrained(tmp_path / "fused")
 
     swap.accelerate(pm, enable=False)

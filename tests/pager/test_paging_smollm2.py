@@ -3,36 +3,21 @@ gradient bit for bit equal to paging off (compress-only, and with a budget that 
 Run on the whole model with 4 x 256 tokens of prose, and on a 2-layer cut with 2 x 128 tokens
 (where the 49152-token vocabulary's logits dominate what is saved)."""
 import gc
-import inspect
 import json
 import tempfile
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-
 import forge_rt
-
-
-def prose_ids(tokenizer, batch, tokens):
-    """Real English prose (the standard library's docstrings), batch x tokens, no padding."""
-    import collections, email, json as js, logging, os, pathlib, re, subprocess, threading
-    text = "\n\n".join(inspect.getdoc(m) or "" for m in
-                       (collections, email, js, logging, os, pathlib, re, subprocess, threading, inspect))
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    assert ids.numel() >= batch * tokens
-    return ids[: batch * tokens].view(batch, tokens)
+from forge_rt import testing
+from forge_rt.testing import cut_layers, prose_ids
 
 
 def lora_model(model, dtype, layers=None):
     if layers is not None:
-        model.model.layers = model.model.layers[:layers]
-        model.config.num_hidden_layers = layers
-    model = model.to(dtype)
-    cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, init_lora_weights=False,  # B != 0: A gets real grads
-                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        cut_layers(model, layers)
     torch.manual_seed(0)
-    return get_peft_model(model, cfg)
+    return testing.lora_model(model.to(dtype), init_lora_weights=False)  # B != 0: A gets real grads
 
 
 def step(model, ids):

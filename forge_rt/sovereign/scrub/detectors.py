@@ -14,15 +14,18 @@ import re
 from collections import Counter
 from typing import Callable, Iterator
 
-from stdnum import iban, luhn
-from stdnum.br import cpf
-from stdnum.cn import ric
-from stdnum.es import dni, nie
-from stdnum.fi import hetu
-from stdnum.in_ import aadhaar
-from stdnum.it import codicefiscale
-from stdnum.se import personnummer
-from stdnum.us import ssn
+from forge_rt.errors import require_extra
+
+with require_extra("train", "PII scrubbing (forge_rt.sovereign.scrub)"):
+    from stdnum import iban, luhn
+    from stdnum.br import cpf
+    from stdnum.cn import ric
+    from stdnum.es import dni, nie
+    from stdnum.fi import hetu
+    from stdnum.in_ import aadhaar
+    from stdnum.it import codicefiscale
+    from stdnum.se import personnummer
+    from stdnum.us import ssn
 
 Span = tuple[int, int]
 Finder = Callable[[str], Iterator[Span]]
