@@ -41,3 +41,12 @@ class HeapTrimmer:
         self._pending = 0
         _TRIM(0)  # ctypes drops the GIL for the call
         self.calls += 1
+
+
+def trim_heap() -> bool:
+    """Hands the heap's free pages back to the OS now (e.g. after a model was quantized and its
+    full-precision weights freed); False where malloc_trim does not exist."""
+    if _TRIM is None:
+        return False
+    _TRIM(0)
+    return True
