@@ -39,14 +39,14 @@ def run_chunks(hidden, weight, labels, bias, *, softcap, grad_scale, needs, rows
     want_h, want_w, want_b = needs
     want_b = want_b and bias is not None
     want_grad = want_h or want_w or want_b
-    n, h_dim = hidden.shape
+    n = hidden.shape[0]
     w = weight.to(compute_dtype)
     b = None if bias is None else bias.to(compute_dtype)
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     gh = torch.empty_like(hidden) if want_h else None
-    # fp32 accumulators when the GEMMs run in fp32; with 16-bit GEMMs (Triton backend) grad_weight
-    # accumulates in the weight's dtype, each chunk's product and the running sum added in fp32 by the
-    # GEMM and rounded once per chunk: an fp32 accumulator would need a weight-sized 16-bit product per chunk
+    # With 16-bit GEMMs (triton backend) grad_weight accumulates in the weight's dtype: the GEMM adds each
+    # chunk's product to the running sum in fp32 and rounds once per chunk. An fp32 accumulator would need
+    # a weight-sized 16-bit product per chunk (torch has no 16-bit x 16-bit -> fp32 addmm off CUDA).
     gw = torch.zeros(weight.shape, dtype=compute_dtype, device=weight.device) if want_w else None
     gb = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
     for s in range(0, n, rows):

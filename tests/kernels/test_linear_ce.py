@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 
 from forge_rt import ops
 from forge_rt.kernels import linear_ce_torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from bench_linear_ce import peak_bytes  # noqa: E402  (the bench measures memory the same way)
 
 GPU = torch.cuda.is_available()
 BACKENDS = ["reference", "cpu", "triton"]
@@ -184,15 +186,6 @@ def test_chunk_size_stays_within_the_budget():
         assert rows >= 1 and (rows == 1 or rows * vocab * per <= budget)
         assert (rows + 1) * vocab * per > budget  # and uses it
     assert linear_ce_torch.chunk_rows(49152, 8, chunk_tokens=5) == 5
-
-
-def peak_bytes(fn) -> int:
-    """Peak of live CPU bytes allocated by torch while fn runs (profiler memory events in time order)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    return max(itertools.accumulate(n for _, n in events), default=0)
 
 
 @pytest.mark.parametrize("train_head", [False, True])
