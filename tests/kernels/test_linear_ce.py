@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from forge_rt import ops
 from forge_rt.kernels import linear_ce_torch
+from forge_rt.testing import rel_err as rel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from bench_linear_ce import peak_bytes  # noqa: E402  (the bench measures memory the same way)
@@ -34,11 +35,6 @@ def oracle(hidden, weight, labels, bias, reduction, softcap):
     wanted = [t for t in leaves if t is not None]
     return loss, torch.autograd.grad(loss, wanted, allow_unused=True) if loss.isfinite() else \
         [torch.zeros_like(t) for t in wanted]
-
-
-def rel(a, b):
-    """Norm-wise relative error of a vs b (a zero b must be matched exactly)."""
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
 def make(n, h, v, dtype=torch.float32, with_bias=False, ignored="mixed", device="cpu", seed=0, lead=()):
@@ -215,9 +211,9 @@ def test_peak_memory_is_one_chunk_not_the_logits(monkeypatch, train_head):
 def test_triton_kernel_compiles_for_gpus():
     """Compiled Triton is stricter than its interpreter (types across loop iterations and constexpr
     branches): build the row kernel for sm_87 (Jetson Orin) and sm_90 with Triton's bundled ptxas."""
-    tests = Path(__file__).resolve().parents[1]
+    here = Path(__file__).resolve().parent
     code = f"""
-import sys; sys.path.insert(0, {str(tests)!r})
+import sys; sys.path.insert(0, {str(here)!r})
 from triton.backends.compiler import GPUTarget
 from triton_aot_compile import _compile, _usage
 from forge_rt.kernels import linear_ce_triton as k
@@ -228,7 +224,7 @@ for arch, dtype, cap in [(87, "bf16", True), (87, "fp16", False), (90, "fp32", T
     print(arch, dtype, cap, _usage(c))
 """
     env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(tests.parent)
+    env["PYTHONPATH"] = str(here.parents[1])
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("REG:") == 4, out.stdout

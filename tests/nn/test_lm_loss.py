@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from forge_rt.nn.lm_loss import causal_lm_loss, patch_causal_lm_loss
+from forge_rt.testing import lora_model, rel_err as rel
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -29,10 +30,9 @@ def tiny_model(kind: str, **config):
     raise ValueError(kind)
 
 
-def lora(model, **kw):
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                          init_lora_weights=False, **kw)  # random B: every LoRA grad is non-zero
-    return peft.get_peft_model(model, cfg)
+def lora(model):
+    # random B (init_lora_weights=False): every LoRA grad is non-zero
+    return lora_model(model, r=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"), init_lora_weights=False)
 
 
 def batch():
@@ -45,10 +45,6 @@ def batch():
     labels[:, :5] = -100
     labels[attention_mask == 0] = -100
     return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def grads(model, loss):
