@@ -5,10 +5,10 @@ file can hold any flag and the resolved config saved with a run is complete."""
 from __future__ import annotations
 
 from forge_rt.errors import ForgeError
+from forge_rt.plan.estimate import SizeError, parse_bytes  # noqa: F401 (parse_bytes re-exported)
 import argparse
 import dataclasses
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,11 +47,13 @@ class TrainConfig:
     max_len: int = field(default=320, metadata=dict(help="maximum tokens per example (longer ones are truncated and counted)"))
     pack: bool = field(default=False, metadata=dict(help="pack several examples per sequence"))
     seed: int = field(default=0, metadata=dict(help="random seed (data order, LoRA init, dropout)"))
-    grad_checkpointing: bool = field(default=False, metadata=dict(help="recompute activations in backward"))
+    grad_checkpointing: bool = field(default=False, metadata=dict(help="always recompute activations in backward (else --memory decides)"))
     # forge_rt native paths.
     no_fused: bool = field(default=False, metadata=dict(help="stock PEFT LoRA on the full-precision model: no NF4 quantization, no fused kernels"))
     no_paging: bool = field(default=False, metadata=dict(help="keep autograd's saved activations uncompressed in memory"))
-    paging_budget: str | None = field(default=None, metadata=dict(help="resident budget for saved activations, e.g. 512M or 2G (default: pager's own)"))
+    paging_budget: str | None = field(default=None, metadata=dict(help="page saved activations, spilling to disk past this resident size, e.g. 512M or 2G (default: --memory decides)"))
+    memory: str = field(default="auto", metadata=dict(help="memory plan: auto (least memory within 40%% of the fastest step, or the fastest that fits --memory-budget), speed (no recomputation), min (least memory)", choices=["auto", "speed", "min"]))
+    memory_budget: str | None = field(default=None, metadata=dict(help="memory the run may use, e.g. 4G: the planner fits its choice under it"))
     # Run control and reporting.
     checkpoint_every: int = field(default=50, metadata=dict(help="write a checkpoint every N optimizer steps (0: only at the end / on interrupt)"))
     log_every: int = field(default=10, metadata=dict(help="plain progress line every N steps when not on a terminal"))
@@ -76,24 +78,15 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0 (got {self.lr})")
         if (self.max_steps or 0) <= 0 and self.epochs <= 0:
             raise ConfigError("set --max-steps > 0 or --epochs > 0")
-        if self.paging_budget is not None:
-            parse_bytes(self.paging_budget)
+        for name in ("paging_budget", "memory_budget"):
+            if getattr(self, name) is not None:
+                try:
+                    parse_bytes(getattr(self, name), name)
+                except SizeError as exc:
+                    raise ConfigError(str(exc)) from None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
-
-
-_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-
-
-def parse_bytes(text: str | int) -> int:
-    """'512M' / '2G' / '1048576' -> bytes (binary units)."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(?:i?[bB])?\s*", str(text))
-    if not m:
-        raise ConfigError(f"paging_budget {text!r} is not a size; use e.g. 512M or 2G")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 def _bool_flag(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:

@@ -52,6 +52,26 @@ def _batch(tok_data, indices: list[int]) -> tuple[dict, int]:
     return collate(items, tok_data.pad_token_id), sum(len(it["input_ids"]) for it in items)
 
 
+def batch_shape(tok_data, cfg: TrainConfig) -> tuple[int, float, float]:
+    """(examples per micro-batch, mean padded length of a micro-batch over one epoch, share of the padded
+    tokens that carry a label): what the memory planner needs to know of the data."""
+    order = DataOrder(len(tok_data), cfg.batch_size, cfg.seed)
+    widths, labelled = [], 0
+    for _ in range(order.per_epoch):
+        lengths = [len(tok_data.input_ids[i]) for i in order.next()]
+        widths.append(max(lengths) * len(lengths))
+    labelled = sum(sum(t != -100 for t in lab) for lab in tok_data.labels)
+    padded = sum(widths)
+    return cfg.batch_size, padded / order.per_epoch / cfg.batch_size, labelled / padded
+
+
+def _loss(model, batch: dict, chunked: bool) -> torch.Tensor:
+    if chunked:  # the LM head only where labels are, a chunk of rows at a time (forge_rt.nn.lm_loss)
+        from forge_rt.nn.lm_loss import causal_lm_loss
+        return causal_lm_loss(model, **batch, use_cache=False)
+    return model(**batch, use_cache=False).loss  # with a cache, packed rows would attend across examples
+
+
 def trainable(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
@@ -90,10 +110,10 @@ def _step(model, tok_data, cfg: TrainConfig, st: _State, monitor) -> tuple[list[
         batch, n = _batch(tok_data, st.order.next())
         n_tok += n
         _mark(monitor, "forward", st.step + 1)
-        out = model(**batch, use_cache=False)  # with a cache, packed rows would attend across examples
+        loss = _loss(model, batch, chunked=not cfg.no_fused)
         _mark(monitor, "backward", st.step + 1)
-        (out.loss / cfg.grad_accum).backward()
-        losses.append(out.loss.item())
+        (loss / cfg.grad_accum).backward()
+        losses.append(loss.item())
     _mark(monitor, "optimizer", st.step + 1)
     if cfg.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(st.params.values(), cfg.max_grad_norm)
@@ -121,6 +141,7 @@ def train_loop(model, tok_data, cfg: TrainConfig, run: Path, resume_state: dict 
     progress = Progress(st.total, st.step, not cfg.no_live, cfg.log_every, monitor)
     t_start, step_times, tps_all = time.time(), [], []
     reset_peak_rss()  # the peak then covers training, not model loading
+    pre_step_rss = process_rss()[0]
     try:
         with metrics_path.open("a") as mlog:
             while st.step < st.total and stop.signum is None:
@@ -146,7 +167,7 @@ def train_loop(model, tok_data, cfg: TrainConfig, run: Path, resume_state: dict 
         progress.close()
     return {"steps": st.step, "total_steps": st.total, "interrupted": stop.signum,
             "train_time_s": time.time() - t_start, "step_times": step_times,
-            "peak_rss_bytes": process_rss()[1], "tokens_per_s_mean": (sum(tps_all) / len(tps_all)) if tps_all else None}
+            "peak_rss_bytes": process_rss()[1], "pre_step_rss_bytes": pre_step_rss, "tokens_per_s_mean": (sum(tps_all) / len(tps_all)) if tps_all else None}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -103,8 +103,12 @@ def build_model(base: torch.nn.Module, cfg, adapter_dir: Path | None = None, sea
     from peft import LoraConfig, PeftModel, get_peft_model
     targets = target_module_names(base, cfg.target_modules)
     if not cfg.no_fused:
+        import gc
         from forge_rt.nn import quantize_model
+        from forge_rt.pager.heap import trim_heap
         base = quantize_model(base)
+        gc.collect()
+        trim_heap()  # the full-precision weights just freed would otherwise stay in RSS (0.4 GiB on SmolLM2)
     if sealed is not None:
         from forge_rt.sovereign import seal
         model = seal.load_peft(base, sealed, passphrase)

@@ -108,6 +108,7 @@ def render_markdown(m: dict, plots: list[str]) -> str:
         lines.append(f"- paging: {_fmt((p.get('bytes_raw') or 0) / 2**30)} GiB of saved activations paged, "
                      f"{_fmt(p.get('ratio'))}x compression, {_fmt((p.get('bytes_spilled') or 0) / 2**20)} MiB spilled to disk "
                      f"({p.get('codec', '')})")
+    lines += _memory_plan_lines(m.get("memory_plan"))
     s = m.get("scrub") or {}
     lines.append(f"- PII scrubbing: {json.dumps(s)}")
     if "egress_attempts" in m:
@@ -130,6 +131,20 @@ def render_markdown(m: dict, plots: list[str]) -> str:
     for name in plots:
         lines += ["", f"![{name}]({name})"]
     return "\n".join(lines) + "\n"
+
+
+def _memory_plan_lines(plan: dict | None) -> list[str]:
+    if not plan:
+        return []
+    gib = 2 ** 30
+    parts = ", ".join(f"{k} {v / gib:.2f}" for k, v in plan["parts"].items())
+    spill = "off" if plan["spill_budget"] is None else f"past {plan['spill_budget'] / 2**20:.0f} MiB"
+    pre = plan.get("measured_pre_step")
+    act = "" if pre is None else f" (activations {(plan['measured_peak'] - pre) / gib:.2f} GiB over the pre-step {pre / gib:.2f})"
+    return [f"- memory plan `{plan['mode']}`: checkpointing {'on' if plan['checkpointing'] else 'off'}, chunked loss "
+            f"{'on' if plan['chunked_loss'] else 'off'}, spill {spill}: {plan['reason']}",
+            f"- memory: predicted peak {plan['predicted_peak'] / gib:.2f} GiB ({parts}); measured "
+            f"{plan['measured_peak'] / gib:.2f} GiB{act}"]
 
 
 def write_run_report(run: Path, metrics: dict, records: list[dict]) -> None:

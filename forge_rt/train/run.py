@@ -84,16 +84,40 @@ def _start_monitor(run: Path, pager):
     return mon
 
 
-def _make_pager(cfg: TrainConfig, run: Path):
-    """The activation pager (entered around the training loop only), or None with --no-paging."""
-    if cfg.no_paging:
+def _make_pager(cfg: TrainConfig, run: Path, memory_plan):
+    """The activation pager (entered around the training loop only) when --paging-budget or the memory
+    plan asks for a spill tier; None otherwise and with --no-paging."""
+    budget = cfg.paging_budget if cfg.paging_budget is not None else (
+        memory_plan.spill_budget if memory_plan is not None else None)
+    if cfg.no_paging or budget is None:
         return None
     import forge_rt
-    if cfg.paging_budget is None:
-        return forge_rt.paging()
     spill = run / "spill"
     spill.mkdir(exist_ok=True)
-    return forge_rt.paging(budget_bytes=parse_bytes(cfg.paging_budget), spill_dir=str(spill))
+    return forge_rt.paging(budget_bytes=parse_bytes(budget, "paging_budget"), spill_dir=str(spill))
+
+
+def _memory_plan(cfg: TrainConfig, base, tok_data, run: Path):
+    """The planner's choice for this model and data (None for the stock --no-fused baseline), applied:
+    gradient checkpointing on the base model when chosen or forced with --grad-checkpointing."""
+    memory_plan = None
+    if not cfg.no_fused:
+        from forge_rt.plan import Shapes, plan
+        from forge_rt.plan.probe import probe
+        from forge_rt.train.loop import batch_shape
+        batch, seq_len, labelled = batch_shape(tok_data, cfg)
+        budget = parse_bytes(cfg.memory_budget, "memory_budget") if cfg.memory_budget else None
+        memory_plan = plan(Shapes.from_config(base.config), batch, seq_len, cfg.memory, budget,
+                           rates=probe(str(run)), labelled_fraction=labelled, lora_r=cfg.lora_r)
+        print(f"memory: {memory_plan.reason}; predicted peak {memory_plan.predicted_peak / 2**30:.2f} GiB", flush=True)
+    if cfg.grad_checkpointing or (memory_plan is not None and memory_plan.checkpointing):
+        # Reentrant checkpointing saves each layer's input with save_for_backward, so the pager's hooks
+        # see it (and spill it) when a spill tier is on; the non-reentrant kind keeps it out of reach.
+        reentrant = not cfg.no_paging and (cfg.paging_budget is not None or
+                                           (memory_plan is not None and memory_plan.spill_budget is not None))
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        base.enable_input_require_grads()
+    return memory_plan
 
 
 def _evaluate(model, tok, evals, retention, cfg: TrainConfig) -> dict:
@@ -118,9 +142,7 @@ def _prepare(cfg: TrainConfig, run: Path):
     if n_trunc:
         print(f"data: {n_trunc} of {len(train)} examples are longer than max_len={cfg.max_len} tokens and were truncated",
               flush=True)
-    if cfg.grad_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.enable_input_require_grads()
+    memory_plan = _memory_plan(cfg, base, tok_data, run)
     torch.manual_seed(cfg.seed)  # LoRA init
     model = build_model(base, cfg)
     summary = getattr(model, "forge_rt_summary", None)
@@ -128,11 +150,13 @@ def _prepare(cfg: TrainConfig, run: Path):
         print(f"fused: {summary['accelerated']} LoRA layers fused, stock path: {summary['skipped'] or 'none'}",
               flush=True)
     data_info = {"format": getattr(train, "format", None), "n_train": len(train),
-                 "n_eval": len(evals) if evals is not None else 0, "n_truncated": n_trunc, "path": str(train_path)}
+                 "n_eval": len(evals) if evals is not None else 0, "n_truncated": n_trunc, "path": str(train_path),
+                 "memory_plan": memory_plan}
     return model, tok, tok_data, evals, retention, train_path, scrub_report, summary, data_info
 
 
-def _train_and_eval(model, tok, tok_data, evals, retention, cfg: TrainConfig, run: Path, resume: str | None):
+def _train_and_eval(model, tok, tok_data, evals, retention, cfg: TrainConfig, run: Path, resume: str | None,
+                    data_info: dict):
     """Base eval, training, adapter save, tuned eval; returns (train summary, tuned result, paging stats,
     eval seconds), or the exit code of an interrupted run as the train summary's 'interrupted'."""
     resume_state = None
@@ -144,7 +168,7 @@ def _train_and_eval(model, tok, tok_data, evals, retention, cfg: TrainConfig, ru
     do_eval = not cfg.no_eval and evals is not None
     if not cfg.no_eval and evals is None:
         print("eval: skipped, no --eval-data given for this dataset", flush=True)
-    pager = _make_pager(cfg, run)
+    pager = _make_pager(cfg, run, data_info["memory_plan"])
     monitor = _start_monitor(run, pager)
     t_eval, tuned_res, paging_stats = 0.0, None, None
     # From here on SIGINT/SIGTERM end the run cleanly: at once during eval, at a step end in training.
@@ -179,16 +203,19 @@ def run_training(cfg: TrainConfig, run: Path, resume: str | None, guard=None) ->
     t_all = time.time()
     passphrase = get_passphrase(confirm=True, what="passphrase to seal the adapter") if cfg.seal else None
     model, tok, tok_data, evals, retention, train_path, scrub_report, summary, data_info = _prepare(cfg, run)
-    res, tuned_res, paging_stats, t_eval = _train_and_eval(model, tok, tok_data, evals, retention, cfg, run, resume)
+    res, tuned_res, paging_stats, t_eval = _train_and_eval(model, tok, tok_data, evals, retention, cfg, run, resume,
+                                                           data_info)
     if res["interrupted"] is not None:
         print(f"interrupted at step {res['steps']}/{res['total_steps']}; checkpoint written. "
               f"Continue with: python -m forge_rt.train --resume {run}", flush=True)
         return 128 + int(res["interrupted"])
     base_path = run / "eval_base.json"
     base_res = json.loads(base_path.read_text()) if base_path.exists() else None
+    memory_plan = data_info.pop("memory_plan")
     metrics = report.build_metrics(cfg, res, base_res, _jsonable(tuned_res, None) if tuned_res else None,
                                    data=data_info, scrub=scrub_report, paging=paging_stats, fused_summary=summary,
                                    eval_time_s=t_eval, total_time_s=time.time() - t_all)
+    metrics["memory_plan"] = _plan_record(memory_plan, res)
     finish_sovereign(cfg, run, train_path, passphrase, metrics)
     if guard is not None:
         metrics["egress_attempts"] = len(guard.attempts)
@@ -197,6 +224,16 @@ def run_training(cfg: TrainConfig, run: Path, resume: str | None, guard=None) ->
     print(report.summary_line(metrics), flush=True)
     print(f"run: {run}", flush=True)
     return 0
+
+
+def _plan_record(memory_plan, res: dict) -> dict | None:
+    """What the planner chose and why, its predicted peak beside the measured one."""
+    if memory_plan is None:
+        return None
+    rec = memory_plan.as_dict()
+    rec["measured_peak"] = res["peak_rss_bytes"]
+    rec["measured_pre_step"] = res.get("pre_step_rss_bytes")
+    return rec
 
 
 def finish_sovereign(cfg: TrainConfig, run: Path, train_path: Path, passphrase: str | None, metrics: dict) -> None:

@@ -1,0 +1,139 @@
+"""Peak memory of a LoRA training step, predicted from the model's shapes without loading its weights.
+
+    est = estimate(config, batch=8, seq_len=144, checkpointing=True, chunked_loss=True)
+    est.total, est.parts   # bytes; {"runtime", "weights", "lora_adam", "activations", "logits", "workspace"}
+
+What each part counts (fp32 activations on a CPU, 16-bit on GPUs):
+- runtime: the interpreter, torch, transformers and PEFT once imported (measured here, see RUNTIME);
+  on a CUDA device the CUDA context instead (and on unified-memory Jetsons both);
+- weights: targeted linears in NF4 (half a byte per weight plus a byte per 64-weight block),
+  everything else (embeddings, norms, an untied head) in the model dtype;
+- lora_adam: LoRA weights, their gradients and AdamW's two moments, all fp32;
+- activations: what autograd saves in the decoder: per token and layer, SAVED_PER_TOKEN floats for
+  the fused path (fitted to saved-tensor counts, tests/plan checks it against fresh counts), or with
+  checkpointing only each layer's input plus one layer recomputed in backward;
+- logits: the stock loss keeps logits, their log-softmax and the gradient for every position
+  (3 x tokens x vocab fp32); the chunked loss one chunk of labelled rows at a time;
+- workspace: the gradient flowing between layers and the kernels' scratch (two hidden states).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from forge_rt.errors import ForgeError
+
+GiB = 1 << 30
+# Measured RSS of `import torch, transformers, peft` plus forge_rt's extension, on this CPU box.
+RUNTIME = {"cpu": int(0.50 * GiB), "cuda": int(0.60 * GiB), "orin": int(1.10 * GiB)}
+CHUNK_BYTES = 32 << 20  # the chunked loss's per-chunk logits budget (forge_rt.kernels.linear_ce_torch)
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64  # packed nibbles + one uint8 absmax per 64-weight block
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+class SizeError(ForgeError, ValueError):
+    """A memory size that does not parse."""
+
+
+def parse_bytes(text: str | int, name: str = "size") -> int:
+    """'512M' / '2G' / '1048576' -> bytes (binary units)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(?:i?[bB])?\s*", str(text))
+    if not m:
+        raise SizeError(f"{name} {text!r} is not a size; use e.g. 512M or 2G")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def saved_floats_per_token(hidden: int, intermediate: int, kv_dim: int, lora_r: int, n_targets: int) -> float:
+    """Floats autograd keeps per token in one Llama-style decoder layer on the fused path (SDPA
+    attention, LoRA on `n_targets` linears). Fitted to saved-tensor counts of tiny Llama layers:
+    each hidden unit 4.5625 floats (norms, q, attention out, residual inputs), each MLP unit 3
+    (gate, up, their product), each key/value unit 2, each LoRA rank 1 per target (x @ A^T)."""
+    return 4.5625 * hidden + 3 * intermediate + 2 * kv_dim + n_targets * lora_r + 10
+
+
+@dataclass
+class Shapes:
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    tied: bool
+    head_dim: int = 0
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.hidden // self.heads
+
+    @classmethod
+    def from_config(cls, cfg) -> "Shapes":
+        text = getattr(cfg, "text_config", None) or cfg
+        heads = text.num_attention_heads
+        return cls(vocab=text.vocab_size, hidden=text.hidden_size, intermediate=text.intermediate_size,
+                   layers=text.num_hidden_layers, heads=heads,
+                   kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+                   tied=bool(getattr(cfg, "tie_word_embeddings", False)),
+                   head_dim=getattr(text, "head_dim", None) or 0)
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(in, out) of the seven linears of one decoder layer."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_dim, self.intermediate
+        return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+
+    def linear_params(self) -> int:
+        return self.layers * sum(a * b for a, b in self.linear_shapes())
+
+    def other_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden
+
+
+@dataclass
+class Estimate:
+    parts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def activation_total(self) -> int:
+        return self.parts["activations"] + self.parts["logits"] + self.parts["workspace"]
+
+
+def estimate(shapes: Shapes, batch: int, seq_len: int, *, checkpointing: bool, chunked_loss: bool,
+             labelled_fraction: float = 1.0, lora_r: int = 16, device: str = "cpu",
+             spill_budget: int | None = None) -> Estimate:
+    """Predicted peak bytes of one training step. `labelled_fraction`: share of tokens with a label
+    (the chunked loss only evaluates those). `spill_budget`: paging keeps at most this many bytes of
+    saved activations in memory and spills the rest to disk."""
+    act_bytes = 4 if device == "cpu" else 2
+    tokens = batch * seq_len
+    per_token = saved_floats_per_token(shapes.hidden, shapes.intermediate, shapes.kv_dim, lora_r, 7) * act_bytes
+    one_layer = per_token * tokens
+    if checkpointing:
+        activations = shapes.layers * tokens * shapes.hidden * act_bytes + one_layer
+    else:
+        activations = shapes.layers * one_layer
+    if spill_budget is not None:
+        activations = min(activations, spill_budget + one_layer)
+    if chunked_loss:
+        rows = max(1, int(tokens * labelled_fraction))
+        logits = min(CHUNK_BYTES, rows * shapes.vocab * 4) + 2 * rows * shapes.hidden * 4
+    else:
+        logits = 3 * tokens * shapes.vocab * 4
+    lora = lora_r * shapes.layers * sum(a + b for a, b in shapes.linear_shapes())
+    runtime = RUNTIME["orin" if device.startswith("orin") else ("cuda" if device == "cuda" else "cpu")]
+    return Estimate({
+        "runtime": runtime,
+        "weights": int(shapes.linear_params() * NF4_BYTES_PER_WEIGHT + shapes.other_params() * act_bytes),
+        "lora_adam": lora * 4 * 4,
+        "activations": int(activations),
+        "logits": int(logits),
+        "workspace": 2 * tokens * shapes.hidden * act_bytes,
+    })
