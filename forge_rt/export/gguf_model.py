@@ -15,7 +15,8 @@ from .gguf_common import (PERMUTED_ARCHS, QUANTS, check_hf_arch, encode, gguf_na
                           to_llamacpp_rows)
 from .source import ExportError
 
-_SKIP_KEYS = ("GGUF.", "general.file_type")  # reader pseudo-fields; file_type is rewritten
+# Reader pseudo-fields, and keys the writer sets itself (architecture) or rewrites (file type, quant version).
+_SKIP_KEYS = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version")
 
 
 def write_gguf(merged, tokenizer, out: Path, quant: str, source_gguf: Path | None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -55,7 +56,6 @@ def make_run(run, model_dir, tok, no_fused=False, seal_phrase=None, seed=1):
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
     if seal_phrase is not None:
         seal.seal_dir(run / "adapter", run / "adapter.sealed", seal_phrase, kdf_params=(10, 8, 1))
-        import shutil
         shutil.rmtree(run / "adapter")
     return run
 
