@@ -1,0 +1,84 @@
+"""`export_run`: a run (or adapter + base) to one or more of hf / gguf / gguf-lora, each with a manifest."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from . import manifest
+from .atomic import OutputExistsError, atomic_path, check_target
+from .gguf_common import check_hf_arch, check_quant
+from .gguf_lora import check_lora_quant, write_gguf_lora
+from .gguf_model import write_gguf
+from .hf import write_hf
+from .merge import merge
+from .source import ExportError, load, resolve
+
+KINDS = ("gguf", "gguf-lora", "hf")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_QUANT = {"gguf": "f16", "gguf-lora": "f16"}
+
+
+def _check(targets: dict, quant: str | None, dtype: str, overwrite: bool) -> None:
+    if not targets:
+        raise ExportError(f"nothing to export: give at least one of {', '.join(KINDS)} with an output path")
+    for kind, out in targets.items():
+        if kind not in KINDS:
+            raise ExportError(f"unknown export kind {kind!r}; use one of {', '.join(KINDS)}")
+        try:
+            check_target(Path(out), overwrite)
+        except (OutputExistsError, FileNotFoundError) as exc:
+            raise ExportError(str(exc)) from None
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
+    if quant is not None:
+        for kind, check in (("gguf", check_quant), ("gguf-lora", check_lora_quant)):
+            if kind in targets:
+                check(quant)
+
+
+def export_run(run=None, targets: dict | None = None, *, adapter=None, model=None, quant: str | None = None,
+               dtype: str = "float32", overwrite: bool = False, passphrase_file=None) -> list[dict]:
+    """Export a trained adapter. `targets` maps kind ("gguf", "gguf-lora", "hf") to an output path.
+    `run` is a run directory (its config names the base model); or give `adapter` (a PEFT directory or
+    an adapter.sealed file) and `model` (HF directory or .gguf; default: the shipped SmolLM2 GGUF).
+    `quant` is the GGUF tensor type (default f16), `dtype` the hf export's weights. Every check that
+    needs no model runs first. Returns the manifests (each also written next to its output)."""
+    targets = {k: Path(v) for k, v in (targets or {}).items()}
+    _check(targets, quant, dtype, overwrite)
+    src = resolve(run, adapter, model)
+    if not src.base_is_gguf and ("gguf" in targets or "gguf-lora" in targets):
+        from transformers import AutoConfig
+        check_hf_arch(AutoConfig.from_pretrained(src.model).model_type)
+    peft_model, tok = load(src, passphrase_file)
+    source_gguf = src.model if src.base_is_gguf else None
+    records = []
+
+    def write(kind, fn, **extra):
+        t0 = time.perf_counter()
+        out = targets[kind]
+        try:
+            with atomic_path(out, overwrite) as tmp:
+                fn(tmp)
+        except OSError as exc:
+            raise ExportError(f"writing {out} failed: {exc.strerror or exc}; nothing was left under that name") from None
+        q = quant or DEFAULT_QUANT.get(kind)
+        rec = manifest.build(kind, out, src, q if kind != "hf" else None, dtype if kind == "hf" else None,
+                             time.perf_counter() - t0, **extra)
+        rec["manifest"] = str(manifest.write(rec, out))
+        records.append(rec)
+
+    if "gguf-lora" in targets:  # before the merge, which folds the adapter away
+        write("gguf-lora", lambda tmp: write_gguf_lora(peft_model, tmp, quant or "f16", source_gguf),
+              base_gguf_needed=str(source_gguf) if source_gguf else None)
+    if "gguf" in targets or "hf" in targets:
+        t0 = time.perf_counter()
+        merged = merge(peft_model, torch.float32 if "gguf" in targets else DTYPES[dtype])
+        merge_s = time.perf_counter() - t0
+        if "gguf" in targets:
+            write("gguf", lambda tmp: write_gguf(merged, tok, tmp, quant or "f16", source_gguf), merge_seconds=round(merge_s, 2))
+        if "hf" in targets:
+            merged = merged.to(DTYPES[dtype])
+            write("hf", lambda tmp: write_hf(merged, tok, tmp, DTYPES[dtype]), merge_seconds=round(merge_s, 2))
+    return records

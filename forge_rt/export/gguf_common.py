@@ -1,0 +1,76 @@
+"""What the GGUF writers share: quant types the `gguf` package can write, HF -> GGUF tensor names,
+llama.cpp's q/k row order, and tensor encoding."""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import torch
+
+from .source import ExportError
+
+# --quant name -> (tensor type, general.file_type). The gguf package writes these from Python; K-quants
+# and i-quants are read-only there (they need llama.cpp's llama-quantize).
+QUANTS = {
+    "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "q5_1": (gguf.GGMLQuantizationType.Q5_1, gguf.LlamaFileType.MOSTLY_Q5_1),
+    "q5_0": (gguf.GGMLQuantizationType.Q5_0, gguf.LlamaFileType.MOSTLY_Q5_0),
+    "q4_1": (gguf.GGMLQuantizationType.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),
+    "q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+}
+# HF model_type -> GGUF architecture (llama.cpp runs Mistral as llama).
+HF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+# llama.cpp stores q/k rows of these architectures permuted (interleaved rotary halves per head).
+PERMUTED_ARCHS = {"llama"}
+
+
+def check_quant(quant: str) -> None:
+    if quant not in QUANTS:
+        raise ExportError(f"--quant {quant}: the gguf package cannot write it (K-quants and i-quants are read-only "
+                          f"there); use one of {', '.join(QUANTS)}")
+
+
+def check_hf_arch(model_type: str) -> str:
+    if model_type not in HF_ARCHS:
+        raise ExportError(f"model type {model_type!r} is not supported by the GGUF writer (supported: "
+                          f"{', '.join(sorted(HF_ARCHS))}); export --to hf instead")
+    return HF_ARCHS[model_type]
+
+
+def name_map(arch: str, config) -> dict:
+    """HF parameter name -> GGUF tensor name, for every parameter of a `config`-shaped model."""
+    arch_id = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
+    return gguf.get_tensor_name_map(arch_id, config.num_hidden_layers)
+
+
+def gguf_name(tmap, hf_name: str) -> str | None:
+    return tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+
+
+def to_llamacpp_rows(weight: torch.Tensor, gguf_tensor: str, config) -> torch.Tensor:
+    """llama.cpp's q/k row order for permuted architectures: the inverse of the un-permutation transformers
+    applies when it loads such a GGUF (rows of each head go from [half0 | half1] to interleaved pairs)."""
+    if ".attn_q." in gguf_tensor:
+        heads = config.num_attention_heads
+    elif ".attn_k." in gguf_tensor:
+        heads = config.num_key_value_heads
+    else:
+        return weight
+    return (weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
+            .transpose(1, 2).reshape(weight.shape))
+
+
+def encode(weight: torch.Tensor, qtype) -> tuple[np.ndarray, object]:
+    """(array, raw_dtype) for GGUFWriter.add_tensor. Vectors stay F32 (as llama.cpp's converter keeps
+    norms and biases); a matrix whose rows don't fill whole blocks falls back to F16."""
+    data = weight.detach().float().contiguous().numpy()
+    if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+        return data, None
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return data.astype(np.float16), None
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if data.shape[-1] % block:
+        return data.astype(np.float16), None
+    return gguf.quants.quantize(data, qtype), qtype

@@ -1,0 +1,144 @@
+"""`--to gguf`: the merged model as one GGUF file for llama.cpp.
+
+A base that came from a GGUF keeps that file's metadata (architecture keys, tokenizer, chat template)
+and tensor list; only the tensors are replaced (ones the model has no counterpart for, e.g. rope_freqs,
+are copied as they are). A base from a HF directory gets metadata written here for llama, mistral and
+qwen2 with a byte-level BPE tokenizer."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+
+from .gguf_common import (PERMUTED_ARCHS, QUANTS, check_hf_arch, encode, gguf_name, name_map,
+                          to_llamacpp_rows)
+from .source import ExportError
+
+# Reader pseudo-fields, and keys the writer sets itself (architecture) or rewrites (file type, quant version).
+_SKIP_KEYS = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version")
+
+
+def write_gguf(merged, tokenizer, out: Path, quant: str, source_gguf: Path | None) -> None:
+    """Writes file `out` (the caller makes it atomic)."""
+    qtype, ftype = QUANTS[quant]
+    config = merged.config
+    if source_gguf is not None:
+        reader = gguf.GGUFReader(source_gguf)
+        arch = reader.fields["general.architecture"].contents()
+        writer = gguf.GGUFWriter(out, arch)
+        for field in reader.fields.values():
+            if not field.name.startswith(_SKIP_KEYS):
+                sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+                writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
+        layout = [(t.name, t) for t in reader.tensors]
+    else:
+        arch = check_hf_arch(config.model_type)
+        writer = gguf.GGUFWriter(out, arch)
+        _write_hf_metadata(writer, config, tokenizer)
+        layout = None
+    writer.add_file_type(ftype)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    tmap = name_map(arch, config)
+    weights = {}
+    for hf_name, tensor in merged.state_dict().items():
+        name = gguf_name(tmap, hf_name)
+        if name is not None:
+            weights[name] = tensor
+    if layout is None:  # HF source: every mapped parameter; a tied output layer is the embedding
+        if getattr(config, "tie_word_embeddings", False):
+            weights.pop("output.weight", None)
+        layout = [(name, None) for name in weights]
+    for name, src in layout:
+        tensor = weights.get(name)
+        if tensor is None:
+            if src is None:
+                raise ExportError(f"no weight for GGUF tensor {name}")
+            writer.add_tensor(name, src.data, raw_dtype=src.tensor_type)
+            continue
+        if src is not None and tuple(int(d) for d in reversed(src.shape)) != tuple(tensor.shape):
+            raise ExportError(f"{name}: the model's weight is {tuple(tensor.shape)}, the source GGUF's is "
+                              f"{tuple(reversed(src.shape.tolist()))}; is the model built from {source_gguf}?")
+        if arch in PERMUTED_ARCHS:
+            tensor = to_llamacpp_rows(tensor, name, config)
+        data, raw_dtype = encode(tensor, qtype)
+        writer.add_tensor(name, data, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+# ---- metadata for a HF-directory base ------------------------------------------------------------
+
+def _write_hf_metadata(w: gguf.GGUFWriter, config, tokenizer) -> None:
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    if rope.get("rope_type", "default") != "default":
+        raise ExportError(f"rope scaling {rope['rope_type']!r} is not supported by the GGUF writer; export --to hf")
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(Path(str(getattr(config, "_name_or_path", "") or "model")).name)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_vocab_size(config.vocab_size)
+    _write_tokenizer(w, tokenizer, config.vocab_size)
+
+
+def _pre_tokenizer(spec: dict | None) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenization (its splitting regex), for the kinds we know."""
+    text = json.dumps(spec)
+    steps = spec.get("pretokenizers", [spec]) if spec else []
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
+        return "smollm"
+    if kinds[:1] == ["Split"] and "ByteLevel" in kinds:
+        if r"\\p{N}{1,3}" in text:
+            return "llama-bpe"
+        if r"\\p{N}|" in text:
+            return "qwen2"
+    raise ExportError(f"the tokenizer's pre-tokenizer ({', '.join(map(str, kinds)) or 'none'}) is not one the "
+                      f"GGUF writer knows (gpt-2, smollm, llama-bpe, qwen2); llama.cpp would split text differently")
+
+
+def _write_tokenizer(w: gguf.GGUFWriter, tok, vocab_size: int) -> None:
+    backend = getattr(tok, "backend_tokenizer", None)
+    spec = json.loads(backend.to_str()) if backend is not None else {}
+    if spec.get("model", {}).get("type") != "BPE" or spec["model"].get("byte_fallback"):
+        raise ExportError("the GGUF writer supports byte-level BPE tokenizers (tokenizer.json) only; export --to hf")
+    by_id = {i: t for t, i in tok.get_vocab().items()}
+    added = {i: a for i, a in tok.added_tokens_decoder.items()}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:  # embedding rows past the tokenizer's vocabulary
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(by_id[i])
+        types.append(gguf.TokenType.NORMAL if i not in added else
+                     gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(_pre_tokenizer(spec.get("pre_tokenizer")))
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    for attr, add in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
+                      ("unk_token_id", w.add_unk_token_id), ("pad_token_id", w.add_pad_token_id)):
+        if getattr(tok, attr, None) is not None:
+            add(getattr(tok, attr))
+    w.add_add_bos_token(bool(getattr(tok, "add_bos_token", False)))
+    if getattr(tok, "chat_template", None):
+        w.add_chat_template(tok.chat_template)

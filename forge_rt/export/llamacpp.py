@@ -1,0 +1,76 @@
+"""Running an exported GGUF where it will be deployed: llama.cpp, through the `xllamacpp` wheel (embeds
+llama.cpp, CPU; `pip install forge_rt[export]`). Prompts go through llama.cpp's own chat handling with
+the GGUF's chat template, greedy, as a deployed llama-server would answer them."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from ._forge import score_predictions
+
+
+class LlamaCppError(RuntimeError):
+    pass
+
+
+def _xllamacpp():
+    try:
+        import xllamacpp
+    except ImportError:
+        raise LlamaCppError("llama.cpp scoring needs xllamacpp: pip install 'forge_rt[export]' "
+                            "(or pip install xllamacpp)") from None
+    return xllamacpp
+
+
+class LlamaCppEngine:
+    """A GGUF model (+ optional GGUF LoRA adapter) loaded in llama.cpp, answering greedily."""
+
+    def __init__(self, gguf, lora=None, n_ctx: int = 2048, threads: int | None = None):
+        xlc = _xllamacpp()
+        for path in (gguf, lora):
+            if path is not None and not Path(path).is_file():
+                raise LlamaCppError(f"{path} does not exist")
+        params = xlc.CommonParams()
+        params.model.path = str(gguf)
+        params.n_ctx = n_ctx
+        params.warmup = False
+        params.sampling.temp = 0.0
+        params.sampling.top_k = 1
+        params.cpuparams.n_threads = threads or len(os.sched_getaffinity(0))
+        if lora is not None:
+            params.lora_adapters = [xlc.CommonAdapterLoraInfo(str(lora), 1.0)]
+        try:
+            self.server = xlc.Server(params)
+        except RuntimeError as exc:
+            raise LlamaCppError(f"llama.cpp could not load {gguf}" + (f" with adapter {lora}" if lora else "")
+                                + f": {exc}") from None
+
+    def chat(self, messages: list[dict], max_tokens: int = 64) -> str:
+        """The greedy reply to a conversation (rendered with the GGUF's chat template)."""
+        res = self.server.handle_chat_completions({"messages": messages, "max_tokens": max_tokens,
+                                                   "temperature": 0.0, "top_k": 1})
+        if "error" in res:
+            raise LlamaCppError(f"llama.cpp: {res['error']}")
+        return (res["choices"][0]["message"]["content"] or "").strip()
+
+    def answers(self, conversations: list[list[dict]], max_tokens: int = 64) -> list[str]:
+        return [self.chat(messages, max_tokens) for messages in conversations]
+
+
+def evaluate_gguf(gguf, lora=None, eval_rows=None, max_new_tokens: int = 64, threads: int | None = None) -> dict:
+    """The held-out composite score (forge_rt.evaluate's scoring) of a GGUF (+ LoRA GGUF) in llama.cpp.
+    `eval_rows`: examples as forge_rt.data.load_examples gives them (default: the demo's held-out set).
+    Retention perplexity is not measured here (it needs the model's logits)."""
+    from ._forge import demo_paths, load_examples
+    rows = eval_rows if eval_rows is not None else load_examples(demo_paths()["eval"])
+    if not rows:
+        raise ValueError("no evaluation examples")
+    engine = LlamaCppEngine(gguf, lora, threads=threads)
+    t0 = time.perf_counter()
+    answers = engine.answers([ex["messages"][:-1] for ex in rows], max_new_tokens)
+    result = score_predictions(answers, [ex["messages"][-1]["content"] for ex in rows])
+    result["samples"] = [{"prompt": ex["messages"][-2]["content"], "reference": ex["messages"][-1]["content"],
+                          "prediction": ans} for ex, ans in list(zip(rows, answers))[:5]]
+    result.update(seconds=time.perf_counter() - t0, engine="llama.cpp (xllamacpp)", gguf=str(gguf), lora=None if lora is None else str(lora))
+    return result

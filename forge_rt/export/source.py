@@ -1,0 +1,116 @@
+"""What an export starts from: a run directory, or an adapter (+ base model) with no run directory.
+
+All checks that need no model run first (`resolve`), so bad input fails before any long work; `load`
+then rebuilds the adapted model as the run trained it (NF4 base unless the run used --no-fused)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._forge import ModelLoadError, TrainConfig, check_model_path, default_gguf_path, load_model, quantize_model, seal
+
+
+class ExportError(RuntimeError):
+    """Bad input or a failed export, reported as one `error:` line."""
+
+
+@dataclass
+class Source:
+    run: Path | None           # the run directory, if any
+    adapter: Path              # adapter/ directory or adapter.sealed file
+    model: Path                # HF directory or .gguf file of the base
+    no_fused: bool             # the run trained stock PEFT on the full-precision base
+    tokenizer: Path | None     # run's tokenizer/ (else the base model's)
+
+    @property
+    def sealed(self) -> bool:
+        return self.adapter.is_file()
+
+    @property
+    def base_is_gguf(self) -> bool:
+        return self.model.is_file()
+
+
+def resolve(run=None, adapter=None, model=None) -> Source:
+    """The export's inputs, checked: a run dir (its config names the base), or --adapter [--model]."""
+    if run is None and adapter is None:
+        raise ExportError("pass a run directory, or --adapter DIR (with --model PATH for its base)")
+    cfg, tok_dir = TrainConfig(), None
+    if run is not None:
+        run = Path(run)
+        if not (run / "config.json").is_file():
+            raise ExportError(f"{run} has no config.json; pass a run directory written by python -m forge_rt.train")
+        cfg = TrainConfig(**json.loads((run / "config.json").read_text()))
+        tok_dir = run / "tokenizer" if (run / "tokenizer").is_dir() else None
+        if adapter is None:
+            adapter = run / "adapter" if (run / "adapter").is_dir() else run / "adapter.sealed"
+            if not (adapter.is_file() or (adapter / "adapter_config.json").is_file()):
+                raise ExportError(f"{run} has no adapter/ or adapter.sealed (the run did not finish?); resume it "
+                                  f"with python -m forge_rt.train --resume {run}")
+    adapter = Path(adapter)
+    if adapter.is_dir() and not (adapter / "adapter_config.json").is_file():
+        raise ExportError(f"{adapter} has no adapter_config.json; pass a PEFT adapter directory or an adapter.sealed file")
+    if not adapter.exists():
+        raise ExportError(f"adapter {adapter} does not exist")
+    try:
+        base = check_model_path(model or cfg.model or default_gguf_path())
+    except ModelLoadError as exc:
+        raise ExportError(str(exc)) from None
+    return Source(run, adapter, base, cfg.no_fused, tok_dir)
+
+
+def _check_fits(base, adapter_dir: Path, model_path: Path) -> None:
+    """The adapter's LoRA matrices must name modules of this base with matching shapes."""
+    from safetensors import safe_open
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        return  # a .bin adapter: PEFT's own load reports mismatches
+    modules = dict(base.named_modules())
+    with safe_open(weights, "pt") as f:
+        for key in f.keys():
+            if ".lora_A." not in key and ".lora_B." not in key:
+                continue
+            path = key.removeprefix("base_model.model.").split(".lora_")[0]
+            mod = modules.get(path)
+            shape = f.get_slice(key).get_shape()
+            ok = mod is not None and hasattr(mod, "in_features") and (
+                shape[1] == mod.in_features if ".lora_A." in key else shape[0] == mod.out_features)
+            if not ok:
+                raise ExportError(f"adapter {adapter_dir} does not fit base model {model_path}: {key} {tuple(shape)} "
+                                  f"has no matching layer; is it the base model the adapter was trained on?")
+
+
+def load(src: Source, passphrase_file=None):
+    """(PEFT model, tokenizer) of the source, adapter loaded (a sealed one decrypted in memory)."""
+    from peft import PeftModel
+
+    phrase = None
+    if src.sealed:  # asked before the base model loads (it takes a while)
+        try:
+            phrase = seal.get_passphrase(passphrase_file)
+            seal.verify(src.adapter, phrase)  # a wrong passphrase or a damaged file fails here, fast
+        except seal.SealError as exc:
+            raise ExportError(str(exc)) from None
+    try:
+        base, tok = load_model(src.model)
+    except ModelLoadError as exc:
+        raise ExportError(str(exc)) from None
+    if src.tokenizer is not None:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(src.tokenizer)
+    if not src.sealed:
+        _check_fits(base, src.adapter, src.model)
+    if not src.no_fused:
+        base = quantize_model(base)
+    try:
+        if src.sealed:
+            model = seal.load_peft(base, src.adapter, phrase)
+        else:
+            model = PeftModel.from_pretrained(base, src.adapter)
+    except seal.SealError as exc:
+        raise ExportError(str(exc)) from None
+    except (RuntimeError, ValueError) as exc:  # PEFT: size mismatch / target modules not found
+        raise ExportError(f"adapter {src.adapter} does not fit base model {src.model}: {exc}".splitlines()[0]) from None
+    return model.eval(), tok

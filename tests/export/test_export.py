@@ -1,0 +1,243 @@
+"""Export on a tiny random Llama (SmolLM2 tokenizer): merge vs the unmerged adapted model, the hf export
+in stock transformers, every GGUF read back with the gguf package, and the bad-input cases."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from conftest import PASSPHRASE, make_run
+from forge_rt.export import ExportError, export_run, merge
+from forge_rt.export.__main__ import main as export_main
+from forge_rt.export.gguf_common import to_llamacpp_rows
+from forge_rt.generate import load_run
+
+IDS = torch.tensor([[1, 513, 2045, 77, 9000, 12, 4, 300, 301, 30000], [2, 3, 4, 5, 6, 7, 8, 9, 10, 11]])
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits.float()
+
+
+def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    # transformers' reading of llama.cpp's q/k row order (independent of the writer's permutation)
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def _fields(path) -> tuple[gguf.GGUFReader, dict]:
+    r = gguf.GGUFReader(path)
+    return r, {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+
+
+@pytest.fixture(scope="module")
+def adapted(tiny_run):
+    """The run's adapted model rebuilt the forge_rt way (generate.load_run, fused NF4), and its logits."""
+    model, tok, _ = load_run(tiny_run)
+    return _logits(model), tok
+
+
+@pytest.mark.parametrize("no_fused", [False, True])
+def test_merge_matches_unmerged(tiny_model, smol_tok, tmp_path, no_fused):
+    run = make_run(tmp_path / "run", tiny_model, smol_tok, no_fused=no_fused)
+    model, _, _ = load_run(run)
+    ref = _logits(model)
+    merged = merge(model)
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    assert all(type(m) is not torch.nn.Linear or m.weight.dtype == torch.float32 for m in merged.modules())
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(_logits(merged), ref, atol=1e-4, rtol=0)
+
+
+def test_merge_bf16_is_layer_by_layer_and_close(tiny_run):
+    model, _, _ = load_run(tiny_run)
+    ref = _logits(model)
+    merged = merge(model, torch.bfloat16)
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+    assert (_logits(merged) - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_merge_bitsandbytes_base(tiny_model):
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    for name, mod in list(model.named_modules()):
+        if type(mod) is torch.nn.Linear and name != "lm_head":
+            q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=False, compute_dtype=torch.float32,
+                                  quant_type="nf4")
+            q.weight = bnb.nn.Params4bit(mod.weight.data, requires_grad=False, quant_type="nf4")
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, q.to("cpu"))  # .to() quantizes
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.eval()
+    ref = _logits(peft_model)
+    torch.testing.assert_close(_logits(merge(peft_model)), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_hf_export_loads_in_stock_transformers(tiny_run, adapted, tmp_path):
+    out = tmp_path / "hf"
+    rec, = export_run(tiny_run, {"hf": out})
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert json.loads((tmp_path / "hf.manifest.json").read_text())["bytes"] == rec["bytes"]
+    # A separate interpreter in which forge_rt cannot be imported at all.
+    code = ("import sys, torch; sys.modules['forge_rt'] = None\n"
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}); AutoTokenizer.from_pretrained({str(out)!r})\n"
+            f"ids = torch.tensor({IDS.tolist()})\n"
+            f"torch.save(m(input_ids=ids).logits.detach(), {str(tmp_path / 'logits.pt')!r})\n")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), adapted[0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0", "q4_0"])
+def test_gguf_model_read_back(tiny_run, smol_tok, tmp_path, quant):
+    out = tmp_path / "m.gguf"
+    rec, = export_run(tiny_run, {"gguf": out}, quant=quant)
+    model, _, _ = load_run(tiny_run)
+    merged = merge(model)
+    cfg = merged.config
+    r, kv = _fields(out)
+    assert kv["general.architecture"] == "llama"
+    assert kv["llama.block_count"] == 2 and kv["llama.embedding_length"] == 64
+    assert kv["llama.attention.head_count"] == 4 and kv["llama.attention.head_count_kv"] == 2
+    assert kv["general.file_type"] == int(getattr(gguf.LlamaFileType, {"f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}[quant]))
+    assert kv["tokenizer.ggml.model"] == "gpt2" and kv["tokenizer.ggml.pre"] == "gpt-2"
+    assert len(kv["tokenizer.ggml.tokens"]) == cfg.vocab_size
+    assert kv["tokenizer.chat_template"] == smol_tok.chat_template
+    assert kv["tokenizer.ggml.eos_token_id"] == smol_tok.eos_token_id
+    names = {t.name: t for t in r.tensors}
+    assert len(names) == 2 + 1 + 2 * 9  # embedding, output, final norm; 2 norms + 7 linears per block
+    tol = {"f16": 2e-3, "q8_0": 2e-2, "q4_0": 0.2}[quant]
+    for i in range(2):
+        for hf, g, heads in (("self_attn.q_proj", "attn_q", 4), ("self_attn.k_proj", "attn_k", 2),
+                             ("mlp.down_proj", "ffn_down", None)):
+            t = names[f"blk.{i}.{g}.weight"]
+            want = merged.get_submodule(f"model.layers.{i}.{hf}").weight.detach().numpy()
+            assert t.tensor_type.name == quant.upper()
+            assert tuple(int(d) for d in t.shape) == want.shape[::-1]
+            got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
+            if heads:
+                got = _unpermute(got, heads)
+            assert np.abs(got - want).max() <= tol * np.abs(want).max()
+        assert names[f"blk.{i}.attn_norm.weight"].tensor_type.name == "F32"
+    assert json.loads((tmp_path / "m.gguf.manifest.json").read_text())["quant"] == quant
+    assert rec["bytes"] == out.stat().st_size
+
+
+def test_gguf_lora_read_back(tiny_run, tmp_path):
+    out = tmp_path / "a.gguf"
+    export_run(tiny_run, {"gguf-lora": out}, quant="f32")
+    r, kv = _fields(out)
+    assert kv["general.type"] == "adapter" and kv["adapter.type"] == "lora"
+    assert kv["general.architecture"] == "llama" and kv["adapter.lora.alpha"] == 8.0
+    names = {t.name: t for t in r.tensors}
+    assert len(names) == 2 * 7 * 2
+    from safetensors.torch import load_file
+    sd = load_file(tiny_run / "adapter" / "adapter_model.safetensors")  # the adapter as PEFT saved it
+    prefix = "base_model.model.model.layers.1.self_attn.k_proj"
+    a, b = sd[f"{prefix}.lora_A.weight"], sd[f"{prefix}.lora_B.weight"]
+    ta, tb = names["blk.1.attn_k.weight.lora_a"], names["blk.1.attn_k.weight.lora_b"]
+    assert [int(d) for d in ta.shape] == [64, 4] and [int(d) for d in tb.shape] == [4, 32]
+    np.testing.assert_array_equal(ta.data.reshape(a.shape), a.numpy())
+    np.testing.assert_array_equal(_unpermute(tb.data.reshape(b.shape), 2), b.numpy())
+
+
+def test_permutation_is_transformers_inverse():
+    from types import SimpleNamespace
+    w = torch.randn(3 * 8, 5)
+    cfg = SimpleNamespace(num_attention_heads=6, num_key_value_heads=3)
+    np.testing.assert_array_equal(_unpermute(to_llamacpp_rows(w, "blk.0.attn_k.weight", cfg).numpy(), 3), w.numpy())
+    assert torch.equal(to_llamacpp_rows(w, "blk.0.attn_v.weight", cfg), w)
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+def _cli(capsys, *argv) -> str:
+    capsys.readouterr()  # drop what the fixtures printed
+    assert export_main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # (model-loading progress bars may come first)
+    assert err[-1].startswith("error: ") and sum(line.startswith("error") for line in err) == 1
+    return err[-1]
+
+
+def test_run_dir_without_adapter(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text((tiny_run / "config.json").read_text())
+    assert "has no adapter/" in _cli(capsys, run, "--to", "hf", "--out", tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_adapter_for_another_base(tiny_run, smol_tok, tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    other = tmp_path / "other"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(smol_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(other)
+    smol_tok.save_pretrained(other)
+    msg = _cli(capsys, "--adapter", tiny_run / "adapter", "--model", other, "--to", "gguf", "--out", tmp_path / "o.gguf")
+    assert "does not fit base model" in msg
+    assert list(tmp_path.glob("o.gguf*")) == [] and list(tmp_path.glob(".o.gguf*")) == []
+
+
+def test_unsupported_arch_for_gguf(smol_tok, tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    gpt = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(smol_tok), n_embd=32, n_layer=1, n_head=2)).save_pretrained(gpt)
+    smol_tok.save_pretrained(gpt)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    msg = _cli(capsys, "--adapter", adapter, "--model", gpt, "--to", "gguf", "--out", tmp_path / "o.gguf")
+    assert "'gpt2' is not supported by the GGUF writer" in msg and "llama" in msg
+    assert not list(tmp_path.glob("*o.gguf*"))
+
+
+def test_quant_the_gguf_package_cannot_write(tiny_run, tmp_path, capsys):
+    msg = _cli(capsys, tiny_run, "--to", "gguf", "--quant", "q4_k_m", "--out", tmp_path / "o.gguf")
+    assert "cannot write" in msg and "f16, bf16, q8_0" in msg and "q4_0" in msg
+
+
+def test_adapter_quant_checked_before_any_model_load(tiny_run, tmp_path):
+    with pytest.raises(ExportError, match="--to gguf-lora takes one of f32, f16, bf16, q8_0"):
+        export_run(tiny_run, {"gguf-lora": tmp_path / "a.gguf"}, quant="q4_0")
+
+
+def test_output_exists_without_overwrite(tiny_run, tmp_path, capsys):
+    out = tmp_path / "o.gguf"
+    out.write_bytes(b"keep")
+    assert "exists; pass --overwrite" in _cli(capsys, tiny_run, "--to", "gguf-lora", "--out", out)
+    assert out.read_bytes() == b"keep"
+    assert export_main([str(tiny_run), "--to", "gguf-lora", "--out", str(out), "--overwrite"]) == 0
+    assert out.read_bytes()[:4] == b"GGUF"
+
+
+def test_disk_full_leaves_nothing_under_the_final_name(tiny_run, tmp_path, monkeypatch, capsys):
+    def half_then_enospc(self, *a, **k):
+        self.fout[0].write(b"\0" * 4096)  # some bytes land, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", half_then_enospc)
+    out = tmp_path / "m.gguf"
+    assert "No space left on device" in _cli(capsys, tiny_run, "--to", "gguf", "--out", out)
+    assert os.listdir(tmp_path) == []
+
+
+def test_sealed_adapter(tiny_model, smol_tok, tmp_path, monkeypatch, capsys):
+    run = make_run(tmp_path / "sealed", tiny_model, smol_tok, seal_phrase=PASSPHRASE)
+    monkeypatch.setenv("FORGE_RT_PASSPHRASE", "wrong " + PASSPHRASE)
+    assert "wrong passphrase" in _cli(capsys, run, "--to", "gguf-lora", "--out", tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists()
+    phrase = tmp_path / "phrase"
+    phrase.write_text(PASSPHRASE + "\n")
+    assert export_main([str(run), "--to", "gguf-lora", "--out", str(tmp_path / "a.gguf"),
+                        "--passphrase-file", str(phrase)]) == 0
+    assert gguf.GGUFReader(tmp_path / "a.gguf").fields["adapter.type"].contents() == "lora"
