@@ -92,12 +92,14 @@ def _is_fused(module: nn.Module) -> bool:
     return isinstance(fwd, types.MethodType) and fwd.__func__ is _fused_forward
 
 
-def accelerate(model: nn.Module, enable: bool = True) -> nn.Module:
+def accelerate(model: nn.Module, enable: bool = True, chunked_loss: bool = False) -> nn.Module:
     """Route each LoRA layer over a 4-bit base through forge_rt's fused qlora_linear (in place).
 
     enable=False restores PEFT's stock forward everywhere. Layers that can't be fused (other adapter
     types, DoRA and other LoRA variants, several active adapters, merged) keep the stock path and are
-    counted. The summary dict is logged and attached as `model.forge_rt_summary`."""
+    counted. The summary dict is logged and attached as `model.forge_rt_summary`. chunked_loss=True
+    (opt-in: `logits` is then None whenever labels are given) also patches the causal LM so its loss
+    runs the LM head only where labels are, a chunk at a time (forge_rt.nn.lm_loss)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     accelerated, skipped = 0, Counter()
@@ -117,6 +119,9 @@ def accelerate(model: nn.Module, enable: bool = True) -> nn.Module:
             if _is_fused(module):
                 del module.forward
             skipped[reason] += 1
+    if chunked_loss or not enable:
+        from forge_rt.nn.lm_loss import patch_causal_lm_loss
+        _patch_loss(model, patch_causal_lm_loss, enable and chunked_loss)
     summary = {"enabled": enable, "accelerated": accelerated, "skipped": dict(skipped)}
     if enable:
         detail = ", ".join(f"{n} {r}" for r, n in skipped.items()) or "none"
@@ -125,3 +130,11 @@ def accelerate(model: nn.Module, enable: bool = True) -> nn.Module:
         log.info("forge_rt.accelerate: fused path disabled, stock PEFT forward restored")
     model.forge_rt_summary = summary
     return model
+
+
+def _patch_loss(model: nn.Module, patch, enable: bool) -> None:
+    try:
+        patch(model, enable=enable)
+    except (TypeError, ValueError):
+        if enable:  # not a causal LM this can patch: say so instead of silently keeping full logits
+            raise

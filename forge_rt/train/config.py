@@ -53,6 +53,8 @@ class TrainConfig:
     no_paging: bool = field(default=False, metadata=dict(help="keep autograd's saved activations uncompressed in memory"))
     paging_budget: str | None = field(default=None, metadata=dict(help="page saved activations, spilling to disk past this resident size, e.g. 512M or 2G (default: --memory decides)"))
     memory: str = field(default="auto", metadata=dict(help="memory plan: auto (least memory within 40%% of the fastest step, or the fastest that fits --memory-budget), speed (no recomputation), min (least memory)", choices=["auto", "speed", "min"]))
+    export: str | None = field(default=None, metadata=dict(help="write deployable exports at the end, comma-separated: gguf (merged, llama.cpp), gguf-lora (llama.cpp adapter over the base GGUF), hf (merged HF directory)"))
+    export_quant: str = field(default="f16", metadata=dict(help="GGUF tensor type of --export gguf/gguf-lora", choices=["f16", "bf16", "q8_0", "q4_0", "q4_1"]))
     memory_budget: str | None = field(default=None, metadata=dict(help="memory the run may use, e.g. 4G: the planner fits its choice under it"))
     # Run control and reporting.
     checkpoint_every: int = field(default=50, metadata=dict(help="write a checkpoint every N optimizer steps (0: only at the end / on interrupt)"))
@@ -78,6 +80,9 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0 (got {self.lr})")
         if (self.max_steps or 0) <= 0 and self.epochs <= 0:
             raise ConfigError("set --max-steps > 0 or --epochs > 0")
+        kinds = [k.strip() for k in (self.export or "").split(",") if k.strip()]
+        if self.export is not None and (not kinds or set(kinds) - {"gguf", "gguf-lora", "hf"}):
+            raise ConfigError(f"--export {self.export!r}: give a comma-separated list of gguf, gguf-lora, hf")
         for name in ("paging_budget", "memory_budget"):
             if getattr(self, name) is not None:
                 try:

@@ -109,6 +109,9 @@ def render_markdown(m: dict, plots: list[str]) -> str:
                      f"{_fmt(p.get('ratio'))}x compression, {_fmt((p.get('bytes_spilled') or 0) / 2**20)} MiB spilled to disk "
                      f"({p.get('codec', '')})")
     lines += _memory_plan_lines(m.get("memory_plan"))
+    for e in m.get("exports") or []:
+        lines.append(f"- export `{e.get('kind')}`: `{e.get('output')}` ({(e.get('bytes') or 0) / 2**20:.1f} MiB); "
+                     f"score it where it runs: python -m forge_rt.evaluate --gguf FILE [--lora FILE]")
     s = m.get("scrub") or {}
     lines.append(f"- PII scrubbing: {json.dumps(s)}")
     if "egress_attempts" in m:

@@ -216,6 +216,7 @@ def run_training(cfg: TrainConfig, run: Path, resume: str | None, guard=None) ->
                                    data=data_info, scrub=scrub_report, paging=paging_stats, fused_summary=summary,
                                    eval_time_s=t_eval, total_time_s=time.time() - t_all)
     metrics["memory_plan"] = _plan_record(memory_plan, res)
+    metrics["exports"] = _export(cfg, run)
     finish_sovereign(cfg, run, train_path, passphrase, metrics)
     if guard is not None:
         metrics["egress_attempts"] = len(guard.attempts)
@@ -224,6 +225,21 @@ def run_training(cfg: TrainConfig, run: Path, resume: str | None, guard=None) ->
     print(report.summary_line(metrics), flush=True)
     print(f"run: {run}", flush=True)
     return 0
+
+
+EXPORT_NAMES = {"gguf": "model-{quant}.gguf", "gguf-lora": "adapter-{quant}.gguf", "hf": "hf"}
+
+
+def _export(cfg: TrainConfig, run: Path) -> list[dict] | None:
+    """--export: the deployable files under RUN/export/ (before --seal shreds the plaintext adapter)."""
+    if not cfg.export:
+        return None
+    from forge_rt.export import export_run
+    kinds = [k.strip() for k in cfg.export.split(",") if k.strip()]
+    targets = {k: run / "export" / EXPORT_NAMES[k].format(quant=cfg.export_quant) for k in kinds}
+    (run / "export").mkdir(exist_ok=True)
+    print(f"export: {', '.join(kinds)} ...", flush=True)
+    return export_run(run, targets, quant=cfg.export_quant)
 
 
 def _plan_record(memory_plan, res: dict) -> dict | None:

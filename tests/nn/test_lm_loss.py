@@ -163,3 +163,22 @@ def test_refuses_heads_it_cannot_reproduce():
     rescaled.config.logit_scale = 0.5
     with pytest.raises(ValueError, match="rescales its logits"):
         causal_lm_loss(rescaled, **batch())
+
+
+def test_accelerate_chunked_loss_is_opt_in_and_exact():
+    """accelerate(model, chunked_loss=True) on a quantized LoRA model: same loss and LoRA grads as the
+    fused path with full logits; logits are None only then; accelerate(enable=False) restores them."""
+    import forge_rt
+    model = forge_rt.quantize_model(tiny_model("llama"))
+    pm = lora(model)
+    b = batch()
+    forge_rt.accelerate(pm)
+    full = pm(**b)
+    assert full.logits is not None
+    stock_g = grads(pm, full.loss)
+    forge_rt.accelerate(pm, chunked_loss=True)
+    out = pm(**b)
+    assert out.logits is None and rel(out.loss, full.loss) <= 1e-5
+    assert_same_grads(grads(pm, out.loss), stock_g)
+    forge_rt.accelerate(pm, enable=False)
+    assert pm(**b).logits is not None
