@@ -10,7 +10,8 @@ instead of crashing), is logged with its stack trace, and recorded for the run r
 are switched to offline mode through their environment variables.
 
 This guards Python-level sockets. Native code that opens sockets itself (a C library calling
-connect(2) directly) bypasses it; use a network namespace or firewall for that.
+connect(2) directly) bypasses it; `forge_rt.sovereign.isolate` (train --isolate) runs in a network
+namespace for that.
 """
 from __future__ import annotations
 

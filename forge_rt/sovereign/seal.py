@@ -55,6 +55,8 @@ _DIGEST_LEN, _NONCE_LEN, _TAG_LEN = 8, 12, 16
 _HEADER_END = _HEADER.size + _DIGEST_LEN
 _NONCE_END = _HEADER_END + _NONCE_LEN + _DIGEST_LEN
 _KEY_CHECK_MSG = b"forge_rt seal key check v1"
+# A tar member naming the run an adapter was sealed for (inside the ciphertext, so it is authenticated).
+BINDING_MEMBER = ".forge_rt_run"
 
 
 class SealError(ForgeError):
@@ -91,6 +93,10 @@ class TagMismatchError(SealError):
 
 class WrongPassphraseError(SealError):
     pass
+
+
+class BindingMismatchError(SealError):
+    """A sealed adapter opened for a run other than the one it was sealed in."""
 
 
 def _digest(data: bytes) -> bytes:
@@ -134,7 +140,7 @@ def seal_bytes(plaintext: bytes, passphrase: str, kdf: str = "scrypt",
                kdf_params: tuple[int, int, int] | None = None) -> bytes:
     """Encrypt `plaintext` into the sealed format."""
     if not passphrase:
-        raise PassphraseError("empty passphrase: refusing to seal")
+        raise SealError("empty passphrase: refusing to seal")
     if kdf not in KDF_NAMES:
         raise SealError(f"unknown KDF {kdf!r}; use one of {', '.join(KDF_NAMES)}")
     kid = KDF_NAMES[kdf]
@@ -213,14 +219,44 @@ def unseal_bytes(blob: bytes, passphrase: str, where: str = "sealed data") -> by
 
 
 # --- directories <-> tar stream in memory ---------------------------------------------------
-def _tar_dir(path: Path) -> bytes:
+def _tar_dir(path: Path, binding: str | None = None) -> bytes:
     if not path.is_dir():
         raise SealError(f"{path}: not a directory (seal expects an adapter directory, e.g. RUN_DIR/adapter)")
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for f in sorted(p for p in path.rglob("*") if p.is_file()):
             tar.add(f, arcname=f.relative_to(path).as_posix(), recursive=False)
+        if binding is not None:
+            info = tarfile.TarInfo(BINDING_MEMBER)
+            info.size = len(binding.encode())
+            tar.addfile(info, io.BytesIO(binding.encode()))
     return buf.getvalue()
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise SealError(f"{path}: no such file; check the path of the sealed adapter") from None
+    except PermissionError:
+        raise SealError(f"{path}: permission denied; make it readable (chmod u+r {path})") from None
+    except OSError as exc:
+        raise SealError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+
+def check_binding(files: dict[str, bytes], binding: str | None, where: str) -> None:
+    """Refuses an adapter sealed for another run than `binding`; one sealed without a binding is accepted
+    with a warning (it cannot be checked)."""
+    if binding is None:
+        return
+    sealed_for = files.get(BINDING_MEMBER, b"").decode("ascii", "replace")
+    if not sealed_for:
+        print(f"warning: {where} is not bound to a run (sealed without a binding); it cannot be checked "
+              "against this run", file=sys.stderr)
+    elif sealed_for != binding:
+        raise BindingMismatchError(f"{where} was sealed for run {sealed_for[:16]}, but this run directory is run "
+                                   f"{binding[:16]}: it is another run's adapter; open it from the run directory "
+                                   "it was sealed in")
 
 
 def _members(tar_bytes: bytes) -> dict[str, bytes]:
@@ -228,12 +264,13 @@ def _members(tar_bytes: bytes) -> dict[str, bytes]:
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
 
 
-def seal_dir(path, out, passphrase: str, kdf: str = "scrypt", kdf_params=None) -> dict:
-    """Seal directory `path` into file `out`. Returns a record for the run report."""
+def seal_dir(path, out, passphrase: str, kdf: str = "scrypt", kdf_params=None, binding: str | None = None) -> dict:
+    """Seal directory `path` into file `out` (owner-only), bound to `binding` (a run identity) when given.
+    Returns a record for the run report."""
     path, out = Path(path), Path(out)
-    blob = seal_bytes(_tar_dir(path), passphrase, kdf, kdf_params)
+    blob = seal_bytes(_tar_dir(path, binding), passphrase, kdf, kdf_params)
     tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
         f.write(blob)
         f.flush()
         os.fsync(f.fileno())
@@ -245,33 +282,39 @@ def seal_dir(path, out, passphrase: str, kdf: str = "scrypt", kdf_params=None) -
 def unseal(sealed_path, out_dir, passphrase: str) -> list[Path]:
     """Decrypt `sealed_path` into directory `out_dir` (created; must be empty). Returns the files written."""
     sealed_path, out_dir = Path(sealed_path), Path(out_dir)
-    tar_bytes = unseal_bytes(sealed_path.read_bytes(), passphrase, str(sealed_path))
+    tar_bytes = unseal_bytes(_read(sealed_path), passphrase, str(sealed_path))
     if out_dir.exists() and any(out_dir.iterdir()):
         raise SealError(f"{out_dir}: output directory is not empty; choose a new one")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:") as tar:
-        tar.extractall(out_dir, filter="data")   # refuses absolute paths and ".." members
-        names = [m.name for m in tar.getmembers() if m.isfile()]
+        members = [m for m in tar.getmembers() if m.name != BINDING_MEMBER]
+        tar.extractall(out_dir, members=members, filter="data")   # refuses absolute paths and ".." members
+        names = [m.name for m in members if m.isfile()]
     return [out_dir / n for n in names]
 
 
 def verify(sealed_path, passphrase: str) -> dict:
     """Fully authenticate `sealed_path` (decrypts in memory, writes nothing). Returns what it holds."""
     sealed_path = Path(sealed_path)
-    blob = sealed_path.read_bytes()
+    blob = _read(sealed_path)
     files = _members(unseal_bytes(blob, passphrase, str(sealed_path)))
-    return {**parse(blob, str(sealed_path)).describe(), "files": {n: len(b) for n, b in sorted(files.items())}}
+    bound = files.pop(BINDING_MEMBER, b"").decode("ascii", "replace") or None
+    return {**parse(blob, str(sealed_path)).describe(), "bound_to_run": bound,
+            "files": {n: len(b) for n, b in sorted(files.items())}}
 
 
-def load_peft(model, sealed_path, passphrase: str, adapter_name: str = "default", is_trainable: bool = False):
-    """Decrypt a sealed adapter in memory and load it into `model` (a base model or a PeftModel).
-    Returns the PeftModel. No plaintext byte is written to disk."""
+def load_peft(model, sealed_path, passphrase: str, adapter_name: str = "default", is_trainable: bool = False,
+              binding: str | None = None):
+    """Decrypt a sealed adapter in memory and load it into `model` (a base model or a PeftModel); with
+    `binding`, refuse an adapter sealed for another run. Returns the PeftModel. No plaintext byte is
+    written to disk."""
     import peft
     import safetensors.torch
     import torch
 
     sealed_path = Path(sealed_path)
-    files = _members(unseal_bytes(sealed_path.read_bytes(), passphrase, str(sealed_path)))
+    files = _members(unseal_bytes(_read(sealed_path), passphrase, str(sealed_path)))
+    check_binding(files, binding, str(sealed_path))
     if "adapter_config.json" not in files:
         raise SealError(f"{sealed_path}: no adapter_config.json inside; was it sealed from a PEFT adapter directory?")
     config = peft.PeftConfig.from_peft_type(**json.loads(files["adapter_config.json"]))
@@ -333,7 +376,7 @@ def main(argv=None) -> int:
         else:
             print(json.dumps(verify(a.file, pw), indent=2))
             print("OK: authentic and decryptable")
-    except SealError as e:
+    except ForgeError as e:  # SealError, PassphraseError, MissingExtra, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

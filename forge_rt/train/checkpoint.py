@@ -3,22 +3,28 @@
 A checkpoint is a directory `step-NNNNNNNN/` under the run's `checkpoints/`: trainable (LoRA) weights,
 optimizer and scheduler state, RNG states and the position in the data order. It is written into a
 temporary directory, fsynced, then renamed into place; older checkpoints are deleted only after that,
-so a crash or a full disk mid-write leaves the previous checkpoint whole."""
+so a crash or a full disk mid-write leaves the previous checkpoint whole. The newest two are kept, so a
+newest one that turns out unreadable falls back to the one before (`load_latest`)."""
 from __future__ import annotations
 
 from forge_rt.errors import ForgeError
 import io
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 _NAME = re.compile(r"step-(\d{8})")
+_TMP = re.compile(r"\.tmp-step-\d{8}-\d+")
+KEEP = 2
 
 
 class CheckpointError(ForgeError, RuntimeError):
@@ -51,7 +57,7 @@ def restore_rng(state: dict) -> None:
 
 
 def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], optimizer: dict,
-                    scheduler: dict, data_state: dict, keep: int = 1) -> Path:
+                    scheduler: dict, data_state: dict, keep: int = KEEP) -> Path:
     """Writes checkpoint `step` atomically and then prunes to the newest `keep` checkpoints."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -74,10 +80,10 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], opt
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         prev = latest_checkpoint(root)
-        kept = f"the previous checkpoint {prev} is intact" if prev else "there is no earlier checkpoint"
-        raise CheckpointError(
-            f"could not write checkpoint for step {step} in {root}: {exc.strerror or exc} "
-            f"(errno {exc.errno}); {kept}. Free disk space and resume with --resume.") from exc
+        kept = (f"the previous checkpoint {prev} is intact: free disk space and continue with --resume "
+                f"{root.parent}") if prev else "there is no earlier checkpoint to resume from: free disk space and start again"
+        raise CheckpointError(f"could not write checkpoint for step {step} in {root}: {exc.strerror or exc} "
+                              f"(errno {exc.errno}); {kept}") from exc
     for old in _checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -99,15 +105,38 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def clean_partial(root: Path) -> list[str]:
+    """Removes half-written temporary checkpoints (a crash or kill mid-write); returns their names."""
+    found = [p for p in root.iterdir() if _TMP.fullmatch(p.name)] if root.is_dir() else []
+    for p in found:
+        shutil.rmtree(p, ignore_errors=True)
+    return [p.name for p in found]
+
+
+def load_latest(root: Path) -> tuple[Path, dict]:
+    """The newest readable checkpoint under `root` and its state; an unreadable newer one is skipped with
+    a warning (it stays on disk for inspection)."""
+    found = _checkpoints(root)
+    if not found:
+        raise CheckpointError(f"no checkpoint in {root}; start a new run instead")
+    for path in reversed(found):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as exc:
+            print(f"warning: {exc}; trying the previous checkpoint", file=sys.stderr, flush=True)
+    raise CheckpointError(f"no readable checkpoint in {root} (tried {', '.join(p.name for p in found)}); "
+                          "start a new run")
+
+
 def load_checkpoint(path: Path) -> dict:
     """{'step', 'data', 'weights', 'optimizer', 'scheduler', 'rng'} of a checkpoint directory."""
     try:
         progress = json.loads((path / "progress.json").read_text())
         state = torch.load(path / "state.pt", weights_only=True)
         weights = load_file(path / "weights.safetensors")
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"checkpoint {path} is unreadable ({exc}); delete it to fall back to an older one") from exc
-    version, internal, gauss = progress["python_rng"]
-    return {"step": progress["step"], "data": progress["data"], "weights": weights,
-            "optimizer": state["optimizer"], "scheduler": state["scheduler"],
-            "rng": {"torch": state["torch_rng"], "python": (version, tuple(internal), gauss)}}
+        version, internal, gauss = progress["python_rng"]
+        return {"step": progress["step"], "data": progress["data"], "weights": weights,
+                "optimizer": state["optimizer"], "scheduler": state["scheduler"],
+                "rng": {"torch": state["torch_rng"], "python": (version, tuple(internal), gauss)}}
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError, SafetensorError) as exc:
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc})") from exc

@@ -9,6 +9,7 @@ from forge_rt.plan.estimate import SizeError, parse_bytes  # noqa: F401 (parse_b
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,18 +69,26 @@ class TrainConfig:
     scrub: str = field(default="mask", metadata=dict(help="PII scrubbing of training text before tokenization", choices=["mask", "hash", "drop-row", "off"]))
     seal: bool = field(default=False, metadata=dict(help="encrypt the adapter at the end (passphrase from FORGE_RT_PASSPHRASE or a prompt) and remove the plaintext"))
     shred_data: bool = field(default=False, metadata=dict(help="overwrite and delete the training data files after a successful run"))
+    isolate: bool = field(default=False, metadata=dict(help="run in a new network namespace (only loopback): the kernel blocks egress, C libraries included"))
 
     def validate(self) -> None:
-        positive = ("lora_r", "batch_size", "grad_accum", "max_len", "eval_batch_size", "max_new_tokens")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be > 0 (got {getattr(self, name)})")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number (got {value})")
+        for name, low in _MINIMUM.items():
+            value = getattr(self, name)
+            if value is not None and value < low:
+                why = f": {_WHY[name]}" if name in _WHY else ""
+                raise ConfigError(f"{name} must be >= {low} (got {value}){why}")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora_dropout must be in [0, 1) (got {self.lora_dropout})")
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be > 0 (got {self.lr})")
-        if (self.max_steps or 0) <= 0 and self.epochs <= 0:
+        if not 0 < self.lr <= 1:
+            raise ConfigError(f"lr must be in (0, 1] (got {self.lr}); typical values are 1e-5 to 1e-3")
+        if (self.max_steps or 0) == 0 and self.epochs <= 0:
             raise ConfigError("set --max-steps > 0 or --epochs > 0")
+        if self.target_modules != "all-linear" and not [s for s in self.target_modules.split(",") if s.strip()]:
+            raise ConfigError(f"target_modules {self.target_modules!r} names no module; use 'all-linear' or e.g. q_proj,v_proj")
         kinds = [k.strip() for k in (self.export or "").split(",") if k.strip()]
         if self.export is not None and (not kinds or set(kinds) - {"gguf", "gguf-lora", "hf"}):
             raise ConfigError(f"--export {self.export!r}: give a comma-separated list of gguf, gguf-lora, hf")
@@ -93,6 +102,16 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
+
+# Smallest accepted value of each numeric knob, and why (for the error message).
+_MINIMUM = {"lora_r": 1, "lora_alpha": 1e-6, "batch_size": 1, "grad_accum": 1, "max_len": 2, "eval_batch_size": 1,
+            "max_new_tokens": 1, "weight_decay": 0.0, "warmup_steps": 0, "max_steps": 0, "epochs": 0.0,
+            "max_grad_norm": 0.0, "checkpoint_every": 0, "log_every": 1, "eval_limit": 1, "seed": 0}
+_WHY = {"max_len": "an example needs a prompt token and a response token",
+        "max_steps": "0 means use --epochs; a negative count would train nothing and save an untrained adapter",
+        "log_every": "progress is printed every N steps",
+        "weight_decay": "a negative decay pushes weights away from zero",
+        "max_grad_norm": "0 disables clipping", "checkpoint_every": "0 means only at the end / on interrupt"}
 
 def _bool_flag(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:
     parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action="store_true",
@@ -131,12 +150,28 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             raise ConfigError(f"{source}: {name} cannot be empty")
         return None
     base = f.type.split("|")[0].strip()
+    value = _number_from_text(value, base, name, source)
     ok = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}[base]
     if not isinstance(value, ok) or (base in ("int", "float") and isinstance(value, bool)):
         raise ConfigError(f"{source}: {name} must be {base}, got {type(value).__name__} {value!r}")
     if "choices" in f.metadata and value not in f.metadata["choices"]:
         raise ConfigError(f"{source}: {name} must be one of {f.metadata['choices']}, got {value!r}")
     return float(value) if base == "float" else value
+
+
+def _number_from_text(value: Any, base: str, name: str, source: str) -> Any:
+    """A number written as text ("1e-4": YAML 1.1 reads an exponent without a dot as a string) -> the number."""
+    if base not in ("int", "float") or not isinstance(value, str):
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{source}: {name} must be {base}, got the text {value!r}") from None
+    if base == "int":
+        if not number.is_integer():
+            raise ConfigError(f"{source}: {name} must be a whole number, got {value!r}")
+        return int(number)
+    return number
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -147,7 +182,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if p.suffix not in (".toml", ".yaml", ".yml", ".json"):
         raise ConfigError(f"config file {p}: use a .toml, .yaml/.yml or .json file")
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8-sig")  # a UTF-8 BOM (Windows editors) is accepted
         if p.suffix == ".toml":
             import tomllib  # stdlib from Python 3.11; YAML works everywhere
             raw = tomllib.loads(text)
@@ -155,6 +190,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             raw = json.loads(text)
         else:
             raw = yaml.safe_load(text) or {}
+    except PermissionError:
+        raise ConfigError(f"config file {p}: permission denied; make it readable (chmod u+r {p})") from None
     except (ValueError, OSError, yaml.YAMLError) as exc:  # tomllib/json errors are ValueErrors
         raise ConfigError(f"config file {p} could not be parsed: {exc}") from exc
     if not isinstance(raw, dict):
@@ -180,12 +217,34 @@ def resolve(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
         if not saved.is_file():
             raise ConfigError(f"--resume {resume}: no config.json there; is it a forge_rt run directory?")
         values.update(load_config_file(saved))
+    requested = dict(ns)
     if config_path is not None:
-        values.update(load_config_file(config_path))
-    values.update(ns)
+        requested = {**load_config_file(config_path), **requested}
+    if resume is not None:
+        check_resume_changes(values, requested, resume)
+    values.update(requested)
     cfg = TrainConfig(**values)
     cfg.validate()
     return cfg, resume
+
+
+# What --resume may change: how the run is watched, evaluated and finished, never the trained model or
+# the data order (a field added to TrainConfig is refused on resume until it is listed here).
+RESUME_MAY_CHANGE = frozenset({
+    "output", "overwrite", "eval_data", "retention_text", "no_paging", "paging_budget", "grad_checkpointing",
+    "checkpoint_every", "log_every", "no_live", "no_eval", "eval_limit", "eval_batch_size", "max_new_tokens",
+    "seal", "shred_data", "isolate", "memory", "memory_budget", "export", "export_quant"})
+
+
+def check_resume_changes(saved: dict[str, Any], requested: dict[str, Any], resume: str) -> None:
+    """Refuses, before anything is written, a resume whose flags would change the model, the optimizer's
+    trajectory or the data order of the saved run."""
+    changed = [k for k, v in requested.items()
+               if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != v]
+    if changed:
+        what = ", ".join(f"{k} {saved[k]!r} -> {requested[k]!r}" for k in sorted(changed))
+        raise ConfigError(f"--resume {resume}: cannot change {what} (it alters the model or the data order of the "
+                          "saved run); drop those flags to continue it, or start a new run with --output")
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:

@@ -52,6 +52,33 @@ def demo_paths() -> dict[str, Path]:
     return {"train": demo / "train.jsonl", "eval": demo / "eval.jsonl", "retention": demo / "retention.txt"}
 
 
+_TABLE_FORMATS = {".csv": "CSV", ".tsv": "TSV", ".parquet": "Parquet", ".pq": "Parquet", ".xlsx": "Excel",
+                  ".xls": "Excel", ".arrow": "Arrow", ".feather": "Arrow"}
+
+
+def read_text(path: Path, what: str, flag: str) -> str:
+    """A UTF-8 text input (a leading byte-order mark is accepted), or a DataError saying why it cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        raise DataError(path, None, None, f"{what} file not found", f"check the path passed to {flag}") from None
+    except IsADirectoryError:
+        raise DataError(path, None, None, "is a directory", f"pass a file to {flag}") from None
+    except PermissionError:
+        raise DataError(path, None, None, "permission denied", f"make it readable (chmod u+r {path})") from None
+    except OSError as exc:
+        raise DataError(path, None, None, f"cannot be read ({exc.strerror or exc})", "check the file") from None
+    if raw.startswith(b"PAR1"):
+        raise DataError(path, None, None, "a Parquet file; the supported formats are JSON and JSONL",
+                        "convert it, e.g. pandas: df.to_json('data.jsonl', orient='records', lines=True)")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(path, None, None, f"cannot be read as UTF-8 text (byte {exc.start})",
+                        "save the file as UTF-8 JSON or JSONL") from None
+
+
 def _read_rows(path: Path, text: str):
     """Yields (line_number, parsed_row) for a JSON array file or a JSONL file."""
     stripped = text.lstrip()
@@ -143,15 +170,11 @@ def _to_messages(path, line, row, form) -> list[dict]:
 def load_examples(path) -> Examples:
     """Reads and validates a whole dataset; raises DataError at the first bad row."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(path, None, None, "file not found", "check the path passed to --data / --eval-data") from None
-    except IsADirectoryError:
-        raise DataError(path, None, None, "is a directory", "pass a .json or .jsonl file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(path, None, None, f"cannot be read ({exc})",
-                        "make the file readable and UTF-8 encoded") from None
+    if path.suffix.lower() in _TABLE_FORMATS:
+        raise DataError(path, None, None, f"{_TABLE_FORMATS[path.suffix.lower()]} files are not supported; the "
+                        "supported formats are JSON (an array of objects) and JSONL (one object per line)",
+                        "convert it, e.g. pandas: df.to_json('data.jsonl', orient='records', lines=True)")
+    text = read_text(path, "dataset", "--data / --eval-data")
     rows, form, form_line = [], None, None
     for line, row in _read_rows(path, text):
         if not isinstance(row, dict):

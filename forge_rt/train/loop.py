@@ -4,15 +4,64 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from forge_rt.errors import ForgeError
 from forge_rt.monitor.sources import process_rss, reset_peak_rss
 from forge_rt.train import checkpoint as ckpt
 from forge_rt.train.config import TrainConfig
 from forge_rt.train.console import Progress, Stop
+
+
+class DivergenceError(ForgeError, RuntimeError):
+    """Training diverged (a non-finite loss or gradient, or a loss that blew up); the weights of the last
+    good checkpoint are kept and no adapter is written."""
+
+
+class DivergenceGuard:
+    """Stops a run at once on a non-finite loss or gradient norm (before the optimizer applies it), and
+    after `PATIENCE` steps whose loss is over `FACTOR` x the run's first loss (warning at the first)."""
+    FACTOR = 3.0
+    PATIENCE = 3
+
+    def __init__(self, cfg: TrainConfig, root: Path, start_loss: float | None):
+        self.cfg, self.root, self.start, self.over = cfg, root, start_loss, 0
+
+    def _stop(self, step: int, what: str) -> DivergenceError:
+        last = ckpt.latest_checkpoint(self.root)
+        kept = f"the last good checkpoint {last} is kept" if last else "no checkpoint was written before it"
+        return DivergenceError(f"training diverged at step {step}: {what}. Stopped; {kept} and no adapter was "
+                               f"written. Fix: start a new run with a lower --lr (this one: {self.cfg.lr:g}) "
+                               "or more --warmup-steps, and check the data")
+
+    def check_finite(self, step: int, loss: float, grad_norm: float) -> None:
+        if not math.isfinite(loss):
+            raise self._stop(step, f"the loss is {loss}")
+        if not math.isfinite(grad_norm):
+            raise self._stop(step, f"the gradient norm is {grad_norm} (loss {loss:.4g})")
+
+    def check_trend(self, step: int, loss: float) -> None:
+        if self.start is None:
+            self.start = loss
+        if loss <= self.FACTOR * self.start:
+            self.over = 0
+            return
+        self.over += 1
+        what = f"the loss {loss:.4g} is over {self.FACTOR:g}x the starting loss {self.start:.4g}"
+        if self.over >= self.PATIENCE:
+            raise self._stop(step, f"{what} for {self.over} steps")
+        if self.over == 1:
+            print(f"warning: step {step}: {what}: training is diverging; it stops if this lasts "
+                  f"{self.PATIENCE} steps", file=sys.stderr, flush=True)
+
+    @property
+    def healthy(self) -> bool:
+        """Whether a checkpoint taken now holds good weights."""
+        return self.over == 0
 
 
 class DataOrder:
@@ -103,8 +152,9 @@ class _State:
                              self.opt.state_dict(), self.sched.state_dict(), self.order.state())
 
 
-def _step(model, tok_data, cfg: TrainConfig, st: _State, monitor) -> tuple[list[float], int, float]:
-    """One optimizer step (cfg.grad_accum micro-batches); returns (micro-batch losses, tokens, lr)."""
+def _step(model, tok_data, cfg: TrainConfig, st: _State, monitor, guard: DivergenceGuard) -> tuple[list[float], int, float]:
+    """One optimizer step (cfg.grad_accum micro-batches); returns (micro-batch losses, tokens, lr). A
+    non-finite loss or gradient stops the run before the optimizer applies it."""
     losses, n_tok = [], 0
     for _ in range(cfg.grad_accum):
         batch, n = _batch(tok_data, st.order.next())
@@ -115,8 +165,9 @@ def _step(model, tok_data, cfg: TrainConfig, st: _State, monitor) -> tuple[list[
         (loss / cfg.grad_accum).backward()
         losses.append(loss.item())
     _mark(monitor, "optimizer", st.step + 1)
-    if cfg.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(st.params.values(), cfg.max_grad_norm)
+    # max_norm inf measures the norm without clipping.
+    norm = torch.nn.utils.clip_grad_norm_(st.params.values(), cfg.max_grad_norm or math.inf)
+    guard.check_finite(st.step + 1, sum(losses) / len(losses), float(norm))
     lr = st.sched.get_last_lr()[0]
     st.opt.step()
     st.sched.step()
@@ -131,6 +182,8 @@ def train_loop(model, tok_data, cfg: TrainConfig, run: Path, resume_state: dict 
     st = _State(model, cfg, len(tok_data), resume_state)
     metrics_path = run / "metrics.jsonl"
     _truncate_metrics(metrics_path, st.step)
+    earlier = read_metrics(metrics_path)
+    guard = DivergenceGuard(cfg, run / "checkpoints", earlier[0]["loss"] if earlier else None)
 
     def save() -> None:
         _mark(monitor, "checkpoint", st.step)
@@ -146,7 +199,7 @@ def train_loop(model, tok_data, cfg: TrainConfig, run: Path, resume_state: dict 
         with metrics_path.open("a") as mlog:
             while st.step < st.total and stop.signum is None:
                 t0 = time.time()
-                losses, n_tok, lr = _step(model, tok_data, cfg, st, monitor)
+                losses, n_tok, lr = _step(model, tok_data, cfg, st, monitor, guard)
                 paged = pager.end_step() if pager is not None else None
                 st.step += 1
                 dt = time.time() - t0
@@ -154,12 +207,14 @@ def train_loop(model, tok_data, cfg: TrainConfig, run: Path, resume_state: dict 
                 rec = {"step": st.step, "loss": sum(losses) / len(losses), "lr": lr, "tokens": n_tok,
                        "tokens_per_s": n_tok / dt, "step_time_s": dt, "elapsed_s": time.time() - t_start,
                        "rss_bytes": rss, "peak_rss_bytes": peak, "epoch": st.order.epoch, "paging": paged}
-                mlog.write(json.dumps(rec) + "\n")
+                mlog.write(json.dumps(rec, allow_nan=False) + "\n")  # strict JSON: the guard ran
                 mlog.flush()
                 step_times.append(dt)
                 tps_all.append(rec["tokens_per_s"])
                 progress.update(rec)
-                if st.step < st.total and cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:
+                guard.check_trend(st.step, rec["loss"])
+                if (st.step < st.total and cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0
+                        and guard.healthy):
                     save()
         save()
     finally:

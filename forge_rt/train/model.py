@@ -55,11 +55,35 @@ def check_model_path(path: str | os.PathLike) -> Path:
     return p
 
 
+def check_causal(path: Path) -> None:
+    """Refuses a config that is not a causal (decoder) language model: loading it as one would train a
+    randomly initialised head on an encoder such as BERT."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL
+    config = AutoConfig.from_pretrained(path)
+    archs = list(getattr(config, "architectures", None) or [])
+    causal = set(CAUSAL.values())
+    if (archs and not causal.intersection(archs)) or config.model_type not in CAUSAL:
+        raise ModelLoadError(f"{path} holds a {', '.join(archs) or config.model_type} model (model_type "
+                             f"{config.model_type!r}), not a causal language model; pass a decoder-only model "
+                             "whose config lists a *ForCausalLM architecture (e.g. LlamaForCausalLM)")
+
+
+def check_complete(path: Path, info: dict) -> None:
+    """Refuses a checkpoint that lacks tensors of the model (transformers would initialise them at random)."""
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise ModelLoadError(f"{path} is missing {len(missing)} tensor(s) of its model: {shown}; the checkpoint is "
+                             "incomplete (copy it again, or check that all weight shards are there)")
+
+
 def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
     """(model, tokenizer), loaded with no network access. A GGUF is dequantized to nn.Linear."""
     set_offline_env()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from safetensors import SafetensorError
     p = check_model_path(path if path is not None else default_gguf_path())
     try:
         if p.is_file():
@@ -67,10 +91,15 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
             tok = AutoTokenizer.from_pretrained(p.parent, **kw)
             model = AutoModelForCausalLM.from_pretrained(p.parent, dtype=dtype, **kw)
         else:
+            check_causal(p)
             tok = AutoTokenizer.from_pretrained(p)
-            model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"could not load model from {p}: {exc}") from exc
+            model, info = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, output_loading_info=True)
+            check_complete(p, info)
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
+        if isinstance(exc, ModelLoadError):
+            raise
+        raise ModelLoadError(f"could not load model from {p} ({type(exc).__name__}: {exc}); the weights may be "
+                             "truncated or corrupt: copy the model again") from exc
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.eval()
@@ -97,9 +126,10 @@ def target_module_names(model: torch.nn.Module, spec: str) -> list[str]:
 
 
 def build_model(base: torch.nn.Module, cfg, adapter_dir: Path | None = None, sealed: Path | None = None,
-                passphrase: str | None = None):
+                passphrase: str | None = None, binding: str | None = None):
     """Base -> (NF4 quantization) -> PEFT LoRA (new, from adapter_dir, or from a sealed adapter decrypted
-    in memory) -> (fused kernels). The one builder the trainer, generate and export share."""
+    in memory and checked against `binding`, the run it must belong to) -> (fused kernels). The one builder
+    the trainer, generate and export share."""
     from peft import LoraConfig, PeftModel, get_peft_model
     targets = target_module_names(base, cfg.target_modules)
     if not cfg.no_fused:
@@ -111,7 +141,7 @@ def build_model(base: torch.nn.Module, cfg, adapter_dir: Path | None = None, sea
         trim_heap()  # the full-precision weights just freed would otherwise stay in RSS (0.4 GiB on SmolLM2)
     if sealed is not None:
         from forge_rt.sovereign import seal
-        model = seal.load_peft(base, sealed, passphrase)
+        model = seal.load_peft(base, sealed, passphrase, binding=binding)
     elif adapter_dir is not None:
         model = PeftModel.from_pretrained(base, adapter_dir)
     else:
@@ -126,6 +156,15 @@ def build_model(base: torch.nn.Module, cfg, adapter_dir: Path | None = None, sea
 
 class RunDirError(ForgeError):
     """A directory that is not a (finished) run directory."""
+
+
+def run_identity(run: Path) -> str:
+    """SHA-256 of a run's random id and its resolved config: what a sealed adapter is bound to."""
+    import hashlib
+    import json
+    ident = (run / "run_id").read_text().strip() if (run / "run_id").is_file() else ""
+    config = json.loads((run / "config.json").read_text())
+    return hashlib.sha256(json.dumps({"run_id": ident, "config": config}, sort_keys=True).encode()).hexdigest()
 
 
 def load_run(run: str | os.PathLike, passphrase_file=None):
@@ -155,5 +194,5 @@ def load_run(run: str | os.PathLike, passphrase_file=None):
     if phrase is None:
         model = build_model(base, cfg, adapter_dir=adapter)
     else:
-        model = build_model(base, cfg, sealed=sealed, passphrase=phrase)
+        model = build_model(base, cfg, sealed=sealed, passphrase=phrase, binding=run_identity(run))
     return model.eval(), tok, cfg

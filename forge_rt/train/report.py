@@ -115,7 +115,8 @@ def render_markdown(m: dict, plots: list[str]) -> str:
     s = m.get("scrub") or {}
     lines.append(f"- PII scrubbing: {json.dumps(s)}")
     if "egress_attempts" in m:
-        lines.append(f"- network egress (offline guard): {m['egress']}")
+        lines.append(f"- network egress (offline guard): {m['egress']}; network namespace (--isolate): "
+                     f"{'on, only loopback' if m.get('isolated') else 'off'}")
     if m.get("sealed"):
         lines.append(f"- adapter sealed to `{m['sealed']['sealed']}` ({m['sealed']['kdf']}, AES-256-GCM); "
                      f"{m['sealed']['plaintext_shredded']} plaintext adapter/checkpoint files shredded")

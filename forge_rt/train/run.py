@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import time
+import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -22,19 +25,59 @@ class RunError(ForgeError, RuntimeError):
     """A problem with the run itself (output directory, resume state), reported without a traceback."""
 
 
-def prepare_run_dir(cfg: TrainConfig, resume: str | None) -> Path:
+@dataclass
+class RunPlace:
+    """Where a run writes. With --overwrite it is built beside the old run (`replaces`), which is swapped out
+    only once the new run has its adapter; a run that fails before its first checkpoint leaves no trace."""
+    path: Path
+    replaces: Path | None = None
+    created: bool = False   # this invocation made the directory
+
+    def swap_in(self) -> None:
+        old = self.replaces.with_name(self.replaces.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(self.replaces, old)
+        os.rename(self.path, self.replaces)
+        shutil.rmtree(old)
+        self.path, self.replaces = self.replaces, None
+
+    def discard_if_empty(self) -> str:
+        """After a failure: removes a new run that holds nothing resumable; says what is left where."""
+        if self.replaces is None and not self.created:
+            return ""
+        untouched = f"; the previous run in {self.replaces} is untouched" if self.replaces else ""
+        if ckpt.latest_checkpoint(self.path / "checkpoints") is not None:
+            return f"; the new run's checkpoints are in {self.path}{untouched}"
+        shutil.rmtree(self.path, ignore_errors=True)
+        return untouched
+
+
+def prepare_run_dir(cfg: TrainConfig, resume: str | None) -> RunPlace:
     if resume is not None:
         run = Path(resume)
+        for name in ckpt.clean_partial(run / "checkpoints"):
+            print(f"resume: removed the half-written checkpoint {run / 'checkpoints' / name}", flush=True)
         if ckpt.latest_checkpoint(run / "checkpoints") is None:
             raise RunError(f"--resume {run}: no checkpoint in {run / 'checkpoints'}; start a new run instead")
-        return run
+        return RunPlace(run)
     run = Path(cfg.output) if cfg.output else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    if run.exists() and any(run.iterdir()):
+    replaces = None
+    if run.exists() and (not run.is_dir() or any(run.iterdir())):
         if not cfg.overwrite:
             raise RunError(f"output directory {run} exists; pass --overwrite to replace it or --resume {run} to continue it")
-        shutil.rmtree(run)
-    run.mkdir(parents=True, exist_ok=True)
-    return run
+        if not run.is_dir():
+            raise RunError(f"--output {run} is a file, not a directory; choose another --output")
+        replaces, run = run, run.with_name(run.name + ".new")
+        shutil.rmtree(run, ignore_errors=True)  # a leftover of an earlier --overwrite that failed
+    place = RunPlace(run, replaces, created=not run.exists() or not any(run.iterdir()))
+    try:
+        run.mkdir(mode=0o700, parents=True, exist_ok=True)
+        run.chmod(0o700)
+        (run / "run_id").write_text(uuid.uuid4().hex + "\n")
+    except OSError as exc:
+        raise RunError(f"cannot write the run directory {run}: {exc.strerror or exc}; "
+                       "choose a writable --output") from None
+    return place
 
 
 @contextlib.contextmanager
@@ -45,8 +88,18 @@ def offline_guard():
         yield guard
 
 
-def load_inputs(cfg: TrainConfig):
-    """Training/eval examples and retention text, checked before any model is loaded."""
+@dataclass
+class Inputs:
+    """Everything a run reads, checked and scrubbed before any model is loaded."""
+    train_path: Path
+    train: list
+    evals: list | None
+    retention: str
+    scrub: dict
+
+
+def load_inputs(cfg: TrainConfig) -> Inputs:
+    """Training/eval examples and retention text, checked and scrubbed before the run directory is touched."""
     from forge_rt.train import data
     demo = data.demo_paths()
     train_path = Path(cfg.data) if cfg.data else demo["train"]
@@ -55,26 +108,36 @@ def load_inputs(cfg: TrainConfig):
     train = data.load_examples(train_path)
     evals = data.load_examples(eval_path) if (eval_path is not None and not cfg.no_eval) else None
     if evals is not None and cfg.eval_limit:
-        evals = evals[: cfg.eval_limit]
-    try:
-        retention = retention_path.read_text()
-    except OSError as exc:
-        raise RunError(f"retention text {retention_path} is unreadable: {exc}") from exc
-    return train_path, train, evals, retention
+        evals = data.Examples(evals[: cfg.eval_limit], evals.format, evals.path)
+    retention = data.read_text(retention_path, "retention text", "--retention-text")
+    return Inputs(train_path, *scrub_inputs(train, evals, retention, cfg.scrub))
 
 
-def scrub_examples(examples, mode: str):
-    """Scrubs PII/secrets from every message (forge_rt.sovereign.scrub); returns (examples, counts-only report)."""
+def scrub_inputs(train, evals, retention: str, mode: str):
+    """Scrubs PII/secrets from every text that enters the run (training and held-out rows, retention text)
+    with one Scrubber, so a value gets the same placeholder everywhere. Returns (train, evals, retention,
+    counts-only report)."""
     if mode == "off":
-        return examples, {"mode": "off"}
+        return train, evals, retention, {"mode": "off"}
     from forge_rt.sovereign.scrub import Scrubber
-    from forge_rt.train.data import DataError, Examples
     scrubber = Scrubber(mode=mode)
+    train = _scrub_rows(scrubber, train, mode)
+    evals = _scrub_rows(scrubber, evals, mode) if evals is not None else None
+    # Line by line, so drop-row drops only the lines that hold something.
+    kept = (scrubber.scrub(line)[0] for line in retention.split("\n"))
+    retention = "\n".join(line for line in kept if line is not None)
+    if not retention.strip():
+        raise RunError(f"--scrub {mode} removed the whole retention text; use --scrub mask or another --retention-text")
+    return train, evals, retention, {**scrubber.report(), "scope": ["train", "eval", "retention"]}
+
+
+def _scrub_rows(scrubber, examples, mode: str):
+    from forge_rt.train.data import DataError, Examples
     rows = scrubber.scrub_rows(examples)
     if not rows:
         raise DataError(examples.path, None, None, f"every row was dropped by --scrub {mode}",
                         "use --scrub mask, or clean the data")
-    return Examples(rows, examples.format, examples.path), scrubber.report()
+    return Examples(rows, examples.format, examples.path)
 
 
 def _start_monitor(run: Path, pager):
@@ -125,13 +188,12 @@ def _evaluate(model, tok, evals, retention, cfg: TrainConfig) -> dict:
     return evaluate(model, tok, evals, retention, batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens)
 
 
-def _prepare(cfg: TrainConfig, run: Path):
-    """Inputs checked and scrubbed, model loaded and built; returns what the run needs."""
+def _prepare(cfg: TrainConfig, run: Path, inputs: Inputs):
+    """Model loaded and built, data tokenized; returns what the run needs."""
     from forge_rt.train.data import tokenize_examples
     from forge_rt.train.model import build_model, load_model
-    train_path, train, evals, retention = load_inputs(cfg)
-    train, scrub_report = scrub_examples(train, cfg.scrub)
-    print(f"data: {len(train)} training examples ({getattr(train, 'format', '?')} format) from {train_path}"
+    train, evals = inputs.train, inputs.evals
+    print(f"data: {len(train)} training examples ({getattr(train, 'format', '?')} format) from {inputs.train_path}"
           + (f"; {len(evals)} held-out" if evals is not None else ""), flush=True)
     save_config(cfg, run / "config.json")
 
@@ -150,21 +212,40 @@ def _prepare(cfg: TrainConfig, run: Path):
         print(f"fused: {summary['accelerated']} LoRA layers fused, stock path: {summary['skipped'] or 'none'}",
               flush=True)
     data_info = {"format": getattr(train, "format", None), "n_train": len(train),
-                 "n_eval": len(evals) if evals is not None else 0, "n_truncated": n_trunc, "path": str(train_path),
-                 "memory_plan": memory_plan}
-    return model, tok, tok_data, evals, retention, train_path, scrub_report, summary, data_info
+                 "n_eval": len(evals) if evals is not None else 0, "n_truncated": n_trunc,
+                 "path": str(inputs.train_path), "memory_plan": memory_plan}
+    return model, tok, tok_data, summary, data_info
 
 
-def _train_and_eval(model, tok, tok_data, evals, retention, cfg: TrainConfig, run: Path, resume: str | None,
+def save_adapter(model, tok, run: Path) -> None:
+    """adapter/ and tokenizer/, each written under a temporary name and renamed into place: a full disk
+    leaves no half-written adapter, and the final checkpoint still holds the weights."""
+    from safetensors import SafetensorError
+    for name, obj in (("adapter", model), ("tokenizer", tok)):
+        final, tmp = run / name, run / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            obj.save_pretrained(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(tmp, final)
+        except (OSError, SafetensorError) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            last = ckpt.latest_checkpoint(run / "checkpoints")
+            raise RunError(f"could not write {final} ({getattr(exc, 'strerror', None) or exc}); the final checkpoint "
+                           f"{last} is intact: free disk space and run python -m forge_rt.train --resume {run} "
+                           "to write it") from None
+
+
+def _train_and_eval(model, tok, tok_data, inputs: Inputs, cfg: TrainConfig, run: Path, resume: str | None,
                     data_info: dict):
     """Base eval, training, adapter save, tuned eval; returns (train summary, tuned result, paging stats,
     eval seconds), or the exit code of an interrupted run as the train summary's 'interrupted'."""
     resume_state = None
     if resume is not None:
-        last = ckpt.latest_checkpoint(run / "checkpoints")
-        resume_state = ckpt.load_checkpoint(last)
+        last, resume_state = ckpt.load_latest(run / "checkpoints")
         print(f"resume: {last} (step {resume_state['step']})", flush=True)
     eval_base_path = run / "eval_base.json"
+    evals, retention = inputs.evals, inputs.retention
     do_eval = not cfg.no_eval and evals is not None
     if not cfg.no_eval and evals is None:
         print("eval: skipped, no --eval-data given for this dataset", flush=True)
@@ -185,8 +266,7 @@ def _train_and_eval(model, tok, tok_data, evals, retention, cfg: TrainConfig, ru
             paging_stats = dict(pager.stats()) if pager is not None else None
             if res["interrupted"] is not None:
                 return res, None, paging_stats, t_eval
-            model.save_pretrained(run / "adapter")
-            tok.save_pretrained(run / "tokenizer")
+            save_adapter(model, tok, run)
             if do_eval:
                 print("eval: tuned model ...", flush=True)
                 _mark(monitor, "eval")
@@ -197,30 +277,35 @@ def _train_and_eval(model, tok, tok_data, evals, retention, cfg: TrainConfig, ru
     return res, tuned_res, paging_stats, t_eval
 
 
-def run_training(cfg: TrainConfig, run: Path, resume: str | None, guard=None) -> int:
+def run_training(cfg: TrainConfig, place: RunPlace, inputs: Inputs, resume: str | None, guard=None) -> int:
     from forge_rt.train import report
     from forge_rt.sovereign.passphrase import get_passphrase
     t_all = time.time()
     passphrase = get_passphrase(confirm=True, what="passphrase to seal the adapter") if cfg.seal else None
-    model, tok, tok_data, evals, retention, train_path, scrub_report, summary, data_info = _prepare(cfg, run)
-    res, tuned_res, paging_stats, t_eval = _train_and_eval(model, tok, tok_data, evals, retention, cfg, run, resume,
+    model, tok, tok_data, summary, data_info = _prepare(cfg, place.path, inputs)
+    res, tuned_res, paging_stats, t_eval = _train_and_eval(model, tok, tok_data, inputs, cfg, place.path, resume,
                                                            data_info)
     if res["interrupted"] is not None:
         print(f"interrupted at step {res['steps']}/{res['total_steps']}; checkpoint written. "
-              f"Continue with: python -m forge_rt.train --resume {run}", flush=True)
+              f"Continue with: python -m forge_rt.train --resume {place.path}", flush=True)
         return 128 + int(res["interrupted"])
+    if place.replaces is not None:
+        place.swap_in()  # the new run has its adapter: only now does it replace the old one
+    run = place.path
     base_path = run / "eval_base.json"
     base_res = json.loads(base_path.read_text()) if base_path.exists() else None
     memory_plan = data_info.pop("memory_plan")
     metrics = report.build_metrics(cfg, res, base_res, _jsonable(tuned_res, None) if tuned_res else None,
-                                   data=data_info, scrub=scrub_report, paging=paging_stats, fused_summary=summary,
+                                   data=data_info, scrub=inputs.scrub, paging=paging_stats, fused_summary=summary,
                                    eval_time_s=t_eval, total_time_s=time.time() - t_all)
     metrics["memory_plan"] = _plan_record(memory_plan, res)
     metrics["exports"] = _export(cfg, run)
-    finish_sovereign(cfg, run, train_path, passphrase, metrics)
+    finish_sovereign(cfg, run, inputs.train_path, passphrase, metrics)
     if guard is not None:
         metrics["egress_attempts"] = len(guard.attempts)
         metrics["egress"] = guard.report()["summary"]
+    from forge_rt.sovereign import isolate
+    metrics["isolated"] = isolate.inside()  # --isolate: the kernel's network namespace, not only the guard
     report.write_run_report(run, metrics, read_metrics(run / "metrics.jsonl"))
     print(report.summary_line(metrics), flush=True)
     print(f"run: {run}", flush=True)
@@ -258,7 +343,9 @@ def finish_sovereign(cfg: TrainConfig, run: Path, train_path: Path, passphrase: 
     from forge_rt.sovereign import shred
     if cfg.seal:
         from forge_rt.sovereign import seal
-        metrics["sealed"] = seal.seal_dir(run / "adapter", run / "adapter.sealed", passphrase)
+        from forge_rt.train.model import run_identity
+        # Bound to this run: load_run refuses it in another run's directory.
+        metrics["sealed"] = seal.seal_dir(run / "adapter", run / "adapter.sealed", passphrase, binding=run_identity(run))
         plaintext = [p for p in (run / "adapter", run / "checkpoints") if p.exists()]
         metrics["sealed"]["plaintext_shredded"] = shred.shred_paths(plaintext)["files"]
     if cfg.shred_data:
