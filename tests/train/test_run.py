@@ -48,7 +48,9 @@ def test_default_path_writes_complete_run_dir_offline(tiny, tmp_path, monkeypatc
     evals = write_jsonl(tmp_path / "eval.jsonl", tiny_rows(4))
     run = tmp_path / "run"
     args = tiny_args(model_dir, data, run, "--max-len", "56", "--eval-data", str(evals), "--max-new-tokens", "4",
-                     "--paging-budget", "1M")  # a small budget sends paged activations to the disk tier
+                     "--paging-budget", "1M",  # a small budget sends paged activations to the disk tier
+                     # no recomputation and rows wide enough that saved tensors pass the pager's 256 KiB minimum
+                     "--memory", "speed", "--batch-size", "12")
     args.remove("--no-eval")
     assert train.main(args) == 0
     for name in ("config.json", "metrics.jsonl", "metrics.json", "report.md", "loss.png", "memory.png",
