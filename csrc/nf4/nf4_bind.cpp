@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <stdexcept>
 
+#include "common.h"
 #include "nf4/nf4_cpu.h"
 #include "nf4/nf4_hd.h"
 #ifdef FORGE_RT_HAS_CUDA
@@ -19,9 +20,6 @@ void check_args(int64_t n, int blocksize, int qtype) {
   if (blocksize <= 0 || blocksize % 2 != 0) throw std::invalid_argument("nf4: blocksize must be even and > 0");
   if (qtype != forge_nf4::kNF4 && qtype != forge_nf4::kFP4) throw std::invalid_argument("nf4: qtype must be 0 (nf4) or 1 (fp4)");
 }
-
-template <typename T>
-T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
 }  // namespace
 

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "common.h"
 #include "paging/blob_hd.h"
 #include "paging/crc32c.h"
 #ifdef FORGE_RT_HAS_NVCOMP
@@ -20,9 +21,6 @@ namespace py = pybind11;
 using namespace forge_paging;
 
 namespace {
-template <class T>
-T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
-
 // The CUDA compaction's per-chunk logic run on the CPU: each "lane" copies a strided share of a
 // payload, as one thread of the kernel's block would.
 std::pair<std::vector<uint64_t>, uint64_t> compact_reference(uintptr_t slots, const std::vector<uint32_t>& stored,
