@@ -11,6 +11,7 @@ namespace py = pybind11;
 void register_nf4(py::module_& m);
 void register_qlora(py::module_& m);
 void register_paging(py::module_& m);
+void register_testing(py::module_& m);
 
 static py::dict build_info() {
   py::dict d;
@@ -45,4 +46,5 @@ PYBIND11_MODULE(_C, m) {
   register_nf4(m);
   register_qlora(m);
   register_paging(m);
+  register_testing(m);
 }

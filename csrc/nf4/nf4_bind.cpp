@@ -42,12 +42,6 @@ void register_nf4(py::module_& m) {
         },
         "dequantize n CPU 4-bit values into fp32");
   m.def("nf4_code_value", &forge_nf4::code_value, "code book entry q (0..15) of qtype, from nf4_hd.h");
-  m.def("nf4_quantize_scaled", [](float x, int qtype) {
-          float mids[15];
-          forge_nf4::fill_midpoints(mids, qtype);
-          return forge_nf4::quantize_scaled(x, mids, qtype);
-        },
-        "nearest 4-bit code of a value already scaled into [-1, 1], from nf4_hd.h");
 #ifdef FORGE_RT_HAS_CUDA
   m.def("nf4_dequantize_cuda", [](uintptr_t packed, uintptr_t absmax, int64_t n, int blocksize, int qtype,
                                   uintptr_t out, uintptr_t stream) {
