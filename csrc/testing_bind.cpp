@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu_path.h"
 #include "nf4/nf4_hd.h"
 #include "paging/bitshuffle.h"
 #include "paging/blob_hd.h"
@@ -87,6 +88,8 @@ void register_paging_hooks(py::module_& t) {
 // After register_paging: the codec hooks take its Codec type.
 void register_testing(py::module_& m) {
   auto t = m.def_submodule("testing", "hooks for tests and benches only (not used by forge_rt itself)");
+  t.def("set_cpu_path", [](const std::string& name) { forge_cpu::select(name.c_str()); }, py::arg("name"),
+        "switch the CPU paths as FORGE_RT_CPU_PATH does at load: auto, generic or avx2");
   register_nf4_hooks(t);
   register_paging_hooks(t);
 }

@@ -8,8 +8,9 @@
 #include "nvcomp_cpu.hpp"
 #include "paging/bitshuffle.h"
 #include "paging/crc32c.h"
-#ifdef FORGE_RT_AVX2
-#include <immintrin.h>
+#ifdef FORGE_RT_X86_DISPATCH
+#include "cpu_path.h"
+#include "paging/simd_avx2.h"
 #endif
 
 namespace forge_paging {
@@ -351,14 +352,8 @@ void Codec::decompress(const uint8_t* blob, uint64_t blob_bytes, uint8_t* dst, u
 bool fp32_low16_zero(const uint8_t* p, uint64_t n) {
   const uint32_t* x = reinterpret_cast<const uint32_t*>(p);
   uint64_t i = 0;
-#ifdef FORGE_RT_AVX2
-  const __m256i mask = _mm256_set1_epi32(0xFFFF);
-  for (; i + 32 <= n; i += 32) {  // 128 bytes per test: early exit stays cheap on real fp32 data
-    __m256i acc = _mm256_setzero_si256();
-    for (int k = 0; k < 4; ++k)
-      acc = _mm256_or_si256(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i + 8 * k)));
-    if (!_mm256_testz_si256(acc, mask)) return false;
-  }
+#ifdef FORGE_RT_X86_DISPATCH
+  if (forge_cpu::avx2() && !avx2::low16_zero_blocks(x, n, &i)) return false;
 #endif
   for (; i < n; ++i)
     if (x[i] & 0xFFFFu) return false;
