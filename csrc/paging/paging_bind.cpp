@@ -17,16 +17,10 @@
 namespace py = pybind11;
 using namespace forge_paging;
 
-void register_paging(py::module_& m) {
-  auto p = m.def_submodule("paging", "LZ4 activation paging codec");
-  p.attr("RAW_FLAG") = kRawFlag;
-  p.attr("TABLE_BYTES_PER_CHUNK") = sizeof(ChunkEntry);
-  p.attr("HEADER_BYTES") = sizeof(BlobHeader);
-  p.def("crc32c", [](uintptr_t src, uint64_t n, uint32_t crc) { return crc32c(ptr<const uint8_t>(src), n, crc); },
-        py::arg("src"), py::arg("n"), py::arg("crc") = 0,
-        "the CPU codec's CRC-32C (SSE4.2 / ARMv8 CRC instructions where present), continuing from `crc`",
-        py::call_guard<py::gil_scoped_release>());
+namespace {
+
 #ifdef FORGE_RT_HAS_NVCOMP
+void register_codec(py::module_& p) {
   p.attr("available") = true;
   py::register_exception<CodecError>(p, "CodecError", PyExc_RuntimeError);
   py::class_<Codec>(p, "Codec")
@@ -56,11 +50,12 @@ void register_paging(py::module_& m) {
       .def_property_readonly("lz4_planes", &Codec::lz4_planes);
   p.def("fp32_low16_zero", [](uintptr_t src, uint64_t n) { return fp32_low16_zero(ptr<const uint8_t>(src), n); },
         py::arg("src"), py::arg("n"), py::call_guard<py::gil_scoped_release>());
-#else
-  p.attr("available") = false;
+}
 #endif
+
 #ifdef FORGE_RT_HAS_CUDA
-  // Device pointers and a cudaStream_t as integers; results arrive in device memory (no host sync).
+// Device pointers and a cudaStream_t as integers; results arrive in device memory (no host sync).
+void register_cuda(py::module_& p) {
   p.attr("cuda") = true;
   p.def("cuda_compress_scratch_bytes", &cuda_compress_scratch_bytes, py::arg("nbytes"), py::arg("width"),
         py::arg("chunk_bytes"));
@@ -77,7 +72,26 @@ void register_paging(py::module_& m) {
           return cuda_decompress(ptr<const void>(blob), blob_bytes, n_chunks, ptr<void>(dst), nbytes, width, chunk_bytes,
                                  ptr<void>(scratch), scratch_bytes, ptr<int>(bad), ptr<void>(stream));
         });
-#else
+}
+#endif
+
+}  // namespace
+
+void register_paging(py::module_& m) {
+  auto p = m.def_submodule("paging", "LZ4 activation paging codec");
+  p.attr("RAW_FLAG") = kRawFlag;
+  p.attr("TABLE_BYTES_PER_CHUNK") = sizeof(ChunkEntry);
+  p.attr("HEADER_BYTES") = sizeof(BlobHeader);
+  p.def("crc32c", [](uintptr_t src, uint64_t n, uint32_t crc) { return crc32c(ptr<const uint8_t>(src), n, crc); },
+        py::arg("src"), py::arg("n"), py::arg("crc") = 0,
+        "the CPU codec's CRC-32C (SSE4.2 / ARMv8 CRC instructions where the CPU has them), continuing from `crc`",
+        py::call_guard<py::gil_scoped_release>());
+  p.attr("available") = false;  // set by what the build has, below
   p.attr("cuda") = false;
+#ifdef FORGE_RT_HAS_NVCOMP
+  register_codec(p);
+#endif
+#ifdef FORGE_RT_HAS_CUDA
+  register_cuda(p);
 #endif
 }
