@@ -49,7 +49,7 @@ def status() -> dict[str, tuple[bool, str]]:
     else:
         cuda = (True, "CUDA kernels on " + torch.cuda.get_device_name())
     nvcomp = (bool(info.get("nvcomp")), "nvCOMP CPU LZ4 linked" if info.get("nvcomp")
-              else "extension built without nvCOMP")
+              else "extension built without nvCOMP" if mod is not None else cpu[1])
     return {"reference": (True, "pure PyTorch"), "cpu": cpu, "triton": triton_status(),
             "cuda": cuda, "nvcomp": nvcomp}
 

@@ -1,4 +1,5 @@
-"""`python -m forge_rt.info`: version, live backends and why any is off, CPU features."""
+"""`python -m forge_rt.info`: version, live backends and why any is off, CPU features and the native
+code paths that run on them."""
 from __future__ import annotations
 
 import platform
@@ -16,10 +17,19 @@ def cpu_features() -> list[str]:
             for line in fh:
                 if line.startswith(("flags", "Features")):
                     have = set(line.split(":", 1)[1].split())
-                    return [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "asimd", "sve") if f in have]
+                    return [f for f in ("sse4_2", "avx2", "fma", "f16c", "avx512f", "avx512bw", "asimd", "crc32", "sve") if f in have]
     except OSError:
         pass
     return []
+
+
+def native_paths(mod) -> str:
+    """The extension's CPU paths, chosen at load by the CPU (FORGE_RT_CPU_PATH=generic forces the baseline)."""
+    if mod is None:
+        return "n/a"
+    f = mod.cpu_features()
+    forced = "" if f["selected"] == "auto" else f", FORGE_RT_CPU_PATH={f['selected']}"
+    return f"{f['simd']} (of {'/'.join(f['available'])}{forced}), CRC-32C: {f['crc32c']}"
 
 
 def report() -> str:
@@ -27,7 +37,8 @@ def report() -> str:
     build = mod.build_info() if mod is not None else {}
     lines = [f"forge_rt {forge_rt.__version__}  (torch {torch.__version__}, python {platform.python_version()})",
              f"cpu: {platform.machine()}, features: {' '.join(cpu_features()) or 'none detected'}, "
-             f"kernel SIMD: {build.get('simd', 'n/a')}, OpenMP threads: {build.get('openmp_threads', 'n/a')}",
+             f"OpenMP threads: {build.get('openmp_threads', 'n/a')}",
+             f"kernel path: {native_paths(mod)}",
              "backends:"]
     for name, (live, why) in backend.status().items():
         lines.append(f"  {name:<10} {'on ' if live else 'off'}  {why}")

@@ -41,3 +41,13 @@ def test_forced_backend_that_is_not_live_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("FORGE_RT_BACKEND", "fastest")
     with pytest.raises(ValueError, match="choose one of"):
         backend.select(torch.zeros(1))
+
+
+def test_test_hooks_live_only_in_the_testing_submodule():
+    mod = native()
+    hooks = ("compact_reference", "crc32c_table", "crc32c_hd", "stored_field", "bitshuffle", "bitunshuffle",
+             "codec_last_slots", "codec_last_stored", "nf4_quantize_scaled")
+    for name in hooks:
+        assert hasattr(mod.testing, name)
+        assert not hasattr(mod, name) and not hasattr(mod.paging, name)
+    assert not hasattr(mod.paging.Codec, "last_slots")

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <stdexcept>
 
+#include "common.h"
 #include "nf4/nf4_cpu.h"
 #include "nf4/nf4_hd.h"
 #ifdef FORGE_RT_HAS_CUDA
@@ -19,9 +20,6 @@ void check_args(int64_t n, int blocksize, int qtype) {
   if (blocksize <= 0 || blocksize % 2 != 0) throw std::invalid_argument("nf4: blocksize must be even and > 0");
   if (qtype != forge_nf4::kNF4 && qtype != forge_nf4::kFP4) throw std::invalid_argument("nf4: qtype must be 0 (nf4) or 1 (fp4)");
 }
-
-template <typename T>
-T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
 }  // namespace
 
@@ -44,12 +42,6 @@ void register_nf4(py::module_& m) {
         },
         "dequantize n CPU 4-bit values into fp32");
   m.def("nf4_code_value", &forge_nf4::code_value, "code book entry q (0..15) of qtype, from nf4_hd.h");
-  m.def("nf4_quantize_scaled", [](float x, int qtype) {
-          float mids[15];
-          forge_nf4::fill_midpoints(mids, qtype);
-          return forge_nf4::quantize_scaled(x, mids, qtype);
-        },
-        "nearest 4-bit code of a value already scaled into [-1, 1], from nf4_hd.h");
 #ifdef FORGE_RT_HAS_CUDA
   m.def("nf4_dequantize_cuda", [](uintptr_t packed, uintptr_t absmax, int64_t n, int blocksize, int qtype,
                                   uintptr_t out, uintptr_t stream) {

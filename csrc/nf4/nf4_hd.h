@@ -4,13 +4,7 @@
 #pragma once
 #include <cstdint>
 
-#ifndef FORGE_HD
-#ifdef __CUDACC__
-#define FORGE_HD __host__ __device__
-#else
-#define FORGE_HD
-#endif
-#endif
+#include "common.h"
 
 namespace forge_nf4 {
 

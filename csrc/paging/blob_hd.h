@@ -11,11 +11,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#ifdef __CUDACC__
-#define FORGE_HD __host__ __device__
-#else
-#define FORGE_HD
-#endif
+#include "common.h"
 
 namespace forge_paging {
 

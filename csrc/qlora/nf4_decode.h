@@ -1,24 +1,19 @@
 // Decoding runs of a bitsandbytes-layout 4-bit weight (NF4 or FP4) into fp32, for the fused kernels.
 // Element i of the flattened [rows, cols] weight sits in byte i/2: even i in the high nibble, odd i in
-// the low nibble; its value is code[nibble] * absmax[i / blocksize].
+// the low nibble; its value is code[nibble] * absmax[i / blocksize]. Compiled per CPU path with the
+// kernels (qlora_kernels.inc; see cpu_path.h).
 #pragma once
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 
+#include "cpu_path.h"
 #include "nf4/nf4_hd.h"
-#ifdef FORGE_RT_AVX2
-#include <immintrin.h>
-#endif
+#include "qlora/qlora_cpu.h"
 
+FORGE_ISA_BEGIN
 namespace forge_qlora {
-
-struct NF4View {
-  const uint8_t* packed;
-  const float* absmax;  // fp32, one per block (double quantization already resolved)
-  const float* code;    // 16 fp32 code values
-  int64_t rows, cols, blocksize;
-};
+namespace FORGE_ISA {
 
 inline float nf4_at(const NF4View& w, int64_t i) {
   return w.code[forge_nf4::unpack(w.packed, i)] * w.absmax[i / w.blocksize];
@@ -159,4 +154,6 @@ inline bool perm32_ok(const NF4View& w) {
 #endif
 }
 
+}  // namespace FORGE_ISA
 }  // namespace forge_qlora
+FORGE_ISA_END

@@ -2,17 +2,13 @@
 // checks shapes, dtypes (fp32), contiguity and devices before calling; a null pointer (0) means "absent".
 #include <pybind11/pybind11.h>
 
+#include "common.h"
 #include "qlora/qlora_cpu.h"
 
 namespace py = pybind11;
 using forge_qlora::NF4View;
 
 namespace {
-
-template <typename T>
-T* ptr(uintptr_t p) {
-  return reinterpret_cast<T*>(p);
-}
 
 NF4View view(uintptr_t packed, uintptr_t absmax, uintptr_t code, int64_t rows, int64_t cols,
              int64_t blocksize) {

@@ -3,9 +3,14 @@
 #pragma once
 #include <cstdint>
 
-#include "qlora/nf4_decode.h"
-
 namespace forge_qlora {
+
+struct NF4View {
+  const uint8_t* packed;
+  const float* absmax;  // fp32, one per block (double quantization already resolved)
+  const float* code;    // 16 fp32 code values
+  int64_t rows, cols, blocksize;
+};
 
 // y[M,N] = x[M,K] @ W^T + bias + s * xa[M,r] @ B[N,r]^T   (bias, xa/B may be null; r may be 0)
 void forward(const float* x, int64_t M, const NF4View& w, const float* xa, const float* B, int64_t r,

@@ -36,10 +36,11 @@ class TensorCodec:
     The native codec probes one chunk to pick the byte planes worth LZ4 (or to skip a tensor that
     does not shrink by min_ratio). Tensors of one `kind` (the op that saved them, shape, dtype) have
     alike statistics step after step, so the choice is remembered per kind and re-probed every
-    `reprobe` uses: repeated probes were ~8% of the codec time of a SmolLM2 step.
+    `reprobe` uses rather than probed on every save.
 
     A tensor is encoded in pieces of `piece_bytes`, each its own blob, so the native scratch stays
-    small and warm: one 192 MiB logits tensor in one piece needed 400 MiB of fresh scratch.
+    small and warm: a big tensor (logits) in one piece would need fresh scratch of twice its size.
+    Measurements: bench/results/NOTES.md.
     """
 
     def __init__(self, threads: int | None = None, level: int = 1, chunk_bytes: int = 65536,

@@ -1,10 +1,10 @@
 """Gives freed heap memory back to the OS while spilling.
 
 glibc keeps memory that autograd frees in the middle of its heap: with activations compressed and
-spilled as the forward goes, a SmolLM2 step ended its forward with 1247 MiB of RSS over the start,
-and `malloc_trim(0)` at that point brought it down to 311 MiB. Trimming after every so many
-spilled bytes keeps RSS near what is live, at the price of page faults when the memory is reused
-(about 1.3 GB/s here). Only glibc has malloc_trim; elsewhere this is a no-op.
+spilled as the forward goes, RSS at the end of a forward sat far above what was live until
+`malloc_trim(0)` gave it back (figures: bench/results/NOTES.md). Trimming after every so many
+spilled bytes keeps RSS near what is live, at the price of page faults when the memory is reused.
+Only glibc has malloc_trim; elsewhere this is a no-op.
 """
 from __future__ import annotations
 

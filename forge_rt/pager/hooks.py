@@ -308,13 +308,13 @@ def paging(budget_bytes: int | None = None, spill_dir: str | None = None, min_by
 
     Other keywords (Pager): prefetch (spilled tensors read ahead of backward), release_memory (hand
     freed heap back to the OS every 128 MiB spilled or saved by compression; on by default with a
-    budget, where SmolLM2's peak RSS went from 0.85-0.91x to 0.57-0.62x of paging off; compress-only
-    it gave a 3.3-3.4 GB peak against 3.8 GB for steps of 6.3-6.5 s against 5.7-6.1 s, measured in
-    separate runs, so it is opt-in there), direct_io (O_DIRECT spill file, default where the
-    filesystem allows it), threads, level, min_ratio.
+    budget, where it is what brings peak RSS down; compress-only it trades step time for a smaller
+    saving, so it is opt-in there), direct_io (O_DIRECT spill file, default where the filesystem
+    allows it), threads, level, min_ratio.
 
-    min_bytes is 256 KiB rather than 64 KiB: a one-chunk tensor costs ~0.6 ms of fixed codec work in
-    a training step (SmolLM2: the 210 LoRA x@A^T saves, 1% of the bytes, took 10% of the codec time).
+    min_bytes is 256 KiB rather than 64 KiB: a one-chunk tensor costs a fixed share of codec work,
+    and the many small saves of a step (LoRA's x@A^T) would cost far more codec time than their bytes.
+    Measurements behind these defaults: bench/results/NOTES.md.
 
         with forge_rt.paging(budget_bytes=512 << 20, spill_dir="/tmp") as pager:
             loss = model(**batch).loss; loss.backward()

@@ -87,10 +87,9 @@ def _aligned(nbytes: int) -> torch.Tensor:
 class SpillFile:
     """The spill file. With `direct` (where the filesystem allows it) it is opened with O_DIRECT:
     spilled bytes go from our buffers to the disk, not into the page cache, which would keep them in
-    RAM (on a Jetson, the GPU's RAM) and cost a kernel copy on the same cores as the step. Here
-    (`dd`) buffered writes ran at 0.38 GB/s, O_DIRECT at 2.2 GB/s; reads then come from the disk
-    (1.1 GB/s), which the reader's prefetch hides. A SmolLM2 spill step (bench/bench_paging.py, two
-    runs): 7.4 and 7.6 s with O_DIRECT and prefetch 8, 8.1 and 7.7 s buffered with prefetch 2."""
+    RAM (on a Jetson, the GPU's RAM) and cost a kernel copy on the same cores as the step. Reads then
+    come from the disk, which the reader's prefetch hides. Measured write/read speeds and step times:
+    bench/results/NOTES.md."""
 
     def __init__(self, directory: str, reserve_bytes: int, direct: bool = True):
         directory = os.fspath(directory)

@@ -11,6 +11,7 @@ from forge_rt._native import require_native
 from forge_rt.pager import PagingError, TensorCodec
 
 P = require_native().paging
+T = require_native().testing
 CHUNK = 65536
 HLIF_HEADER = 88  # nvCOMP's HLIF header for a one-chunk buffer; bytes 80..88 hold the LZ4 block length
 
@@ -67,10 +68,10 @@ def test_bitshuffle_matches_numpy_oracle(width, n):
     src[: n * width // 3] = 0  # runs as well as noise
     for simd in (True, False):
         dst = torch.empty_like(src)
-        P.bitshuffle(src.data_ptr(), dst.data_ptr(), n, width, simd)
+        T.bitshuffle(src.data_ptr(), dst.data_ptr(), n, width, simd)
         assert dst.numpy().tobytes() == np_bitshuffle(src.numpy().tobytes(), width)
         back = torch.empty_like(src)
-        P.bitunshuffle(dst.data_ptr(), back.data_ptr(), n, width, simd)
+        T.bitunshuffle(dst.data_ptr(), back.data_ptr(), n, width, simd)
         assert torch.equal(back, src)
 
 
@@ -153,7 +154,7 @@ def test_blob_decodes_with_reference_lz4(dtype, kind, numel):
     n_lz4 = 0
     for i, (raw, payload, crc) in enumerate(payloads):
         buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.empty(0, dtype=torch.uint8)
-        assert P.crc32c_hd(buf.data_ptr(), len(payload)) == crc
+        assert T.crc32c_hd(buf.data_ptr(), len(payload)) == crc
         want_raw, want_shuffled, want_tail = expected_sections(src[i * chunk_bytes:(i + 1) * chunk_bytes], width,
                                                                lz4_planes)
         assert payload[:len(want_raw)] == want_raw, f"chunk {i} raw planes"
@@ -217,18 +218,18 @@ def test_compaction_logic_of_the_cuda_path_on_cpu():
     n = codec.compress(t.data_ptr(), t.numel() * 4, 4, False, 0.0)
     blob = torch.empty(n, dtype=torch.uint8)
     codec.take(blob.data_ptr())
-    stored = codec.last_stored()
+    stored = T.codec_last_stored(codec)
     assert stored[0] & P.RAW_FLAG  # random chunk stays raw
-    slots = torch.frombuffer(bytearray(codec.last_slots()), dtype=torch.uint8)
+    slots = torch.frombuffer(bytearray(T.codec_last_slots(codec)), dtype=torch.uint8)
     table = P.HEADER_BYTES + 8 * len(stored)
     lengths = np.array([s & ~P.RAW_FLAG for s in stored], dtype=np.int64)
     for lanes in (1, 3, 128):
         out = torch.zeros(n, dtype=torch.uint8)
-        offsets, total = P.compact_reference(slots.data_ptr(), stored, codec.slot_bytes, out.data_ptr(), lanes)
+        offsets, total = T.compact_reference(slots.data_ptr(), stored, codec.slot_bytes, out.data_ptr(), lanes)
         assert total == n
         assert offsets == list(table + np.concatenate([[0], np.cumsum(lengths)[:-1]]))
         assert torch.equal(out[table:], blob[table:])
-    assert P.stored_field(100, 100) == 100 | P.RAW_FLAG and P.stored_field(99, 100) == 99
+    assert T.stored_field(100, 100) == 100 | P.RAW_FLAG and T.stored_field(99, 100) == 99
 
 
 def test_corrupt_chunk_and_truncated_blob_are_detected():
@@ -270,8 +271,8 @@ def test_crc32c_hardware_and_gpu_bitwise_agree_with_the_standard():
     """Two independent CRC-32C implementations (CPU instructions, the GPU kernels' bitwise loop) and
     the standard's check value for "123456789"."""
     check = torch.frombuffer(bytearray(b"123456789"), dtype=torch.uint8)
-    assert P.crc32c(check.data_ptr(), 9) == P.crc32c_hd(check.data_ptr(), 9) == P.crc32c_table(check.data_ptr(), 9)
+    assert P.crc32c(check.data_ptr(), 9) == T.crc32c_hd(check.data_ptr(), 9) == T.crc32c_table(check.data_ptr(), 9)
     assert P.crc32c(check.data_ptr(), 9) == 0xE3069283
     for n in (0, 1, 7, 8, 9, 4096, 65536 + 3):
         b = torch.randint(0, 256, (n,), dtype=torch.uint8)
-        assert P.crc32c(b.data_ptr(), n) == P.crc32c_hd(b.data_ptr(), n) == P.crc32c_table(b.data_ptr(), n)
+        assert P.crc32c(b.data_ptr(), n) == T.crc32c_hd(b.data_ptr(), n) == T.crc32c_table(b.data_ptr(), n)
