@@ -12,7 +12,7 @@ import pytest
 import forge_rt
 
 PKG = Path(forge_rt.__file__).parent
-CLIS = ["train", "generate", "memmap", "seal", "info"]
+CLIS = ["train", "generate", "memmap", "seal", "info", "plan", "export", "evaluate"]
 
 
 @pytest.mark.parametrize("name", ["nf4.quantize", "nf4.dequantize", "nf4.NF4Weight", "ops.qlora_linear",
@@ -89,18 +89,22 @@ def test_top_level_modules_are_short_and_functions_under_60_lines():
     assert not long, long
 
 
-# What each layer may import (ARCHITECTURE.md): lower layers never reach up.
-LOWER = {"kernels": {"train", "monitor", "sovereign", "nn", "pager"},
-         "nn": {"train", "monitor", "sovereign"},
-         "pager": {"train", "monitor", "sovereign", "nn"},
-         "monitor": {"train", "sovereign", "nn"},
-         "sovereign": {"train", "monitor", "nn", "pager"}}
+# What each layer may not import (ARCHITECTURE.md): lower layers never reach up. A command line
+# (__main__.py) sits on top of everything and may import anything.
+LOWER = {"kernels": {"train", "monitor", "sovereign", "nn", "pager", "plan", "export"},
+         "nn": {"train", "monitor", "sovereign", "plan", "export"},
+         "pager": {"train", "monitor", "sovereign", "nn", "plan", "export"},
+         "monitor": {"train", "sovereign", "nn", "plan", "export"},
+         "sovereign": {"train", "monitor", "nn", "pager", "plan", "export"},
+         "plan": {"train", "monitor", "sovereign", "export"}}
 
 
 def test_layers_import_only_downwards():
     bad = []
     for path in _modules():
         rel = path.relative_to(PKG).parts
+        if rel[-1] == "__main__.py":
+            continue
         layer = rel[0] if len(rel) > 1 else Path(rel[0]).stem
         forbidden = LOWER.get(layer, set())
         for node in ast.walk(ast.parse(path.read_text())):
