@@ -7,7 +7,6 @@ CPU tensors; the small absmax double quantization runs in torch.
 """
 from __future__ import annotations
 
-from forge_rt.errors import ForgeError
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -15,6 +14,7 @@ import torch
 
 from forge_rt._native import require_native as _require_native
 from forge_rt.backend import select
+from forge_rt.errors import ForgeError
 
 QUANT_TYPES = {"nf4": 0, "fp4": 1}
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)

@@ -2,7 +2,6 @@
 the core works without the optional extras, and the tree keeps its layering rules."""
 import ast
 import importlib
-import os
 import subprocess
 import sys
 from pathlib import Path

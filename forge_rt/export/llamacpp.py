@@ -3,10 +3,11 @@ llama.cpp, CPU; `pip install forge_rt[export]`). Prompts go through llama.cpp's 
 the GGUF's chat template, greedy, as a deployed llama-server would answer them."""
 from __future__ import annotations
 
-from forge_rt.errors import ForgeError
 import os
 import time
 from pathlib import Path
+
+from forge_rt.errors import ForgeError
 
 from ._forge import score_predictions
 

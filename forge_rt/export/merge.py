@@ -5,9 +5,10 @@ Each LoRA layer becomes an nn.Linear holding dequant(W) + scaling * B @ A (+ bia
 merged one at a time in fp32 and cast at once, so only one layer's fp32 copy exists beyond the model."""
 from __future__ import annotations
 
-from forge_rt.errors import ForgeError
 import torch
 from torch import nn
+
+from forge_rt.errors import ForgeError
 
 from ._forge import NF4Linear, NF4Weight, dequantize
 

@@ -4,12 +4,21 @@ All checks that need no model run first (`resolve`), so bad input fails before a
 then rebuilds the adapted model as the run trained it (NF4 base unless the run used --no-fused)."""
 from __future__ import annotations
 
-from forge_rt.errors import ForgeError
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._forge import ModelLoadError, TrainConfig, check_model_path, default_gguf_path, load_model, quantize_model, seal
+from forge_rt.errors import ForgeError
+
+from ._forge import (
+    ModelLoadError,
+    TrainConfig,
+    check_model_path,
+    default_gguf_path,
+    load_model,
+    quantize_model,
+    seal,
+)
 
 
 class ExportError(ForgeError, RuntimeError):

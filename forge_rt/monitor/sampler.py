@@ -24,8 +24,8 @@ import threading
 import time
 from pathlib import Path
 
-from forge_rt.monitor.sources import POOLS, open_sources, unified_memory
-from forge_rt.monitor.view import LivePanel, MemoryView, live
+from forge_rt.monitor.sources import open_sources, unified_memory
+from forge_rt.monitor.view import MemoryView, live
 
 log = logging.getLogger("forge_rt.monitor")
 

@@ -6,7 +6,6 @@ softmax, logits) are stored as their high halves.
 """
 from __future__ import annotations
 
-from forge_rt.errors import ForgeError
 import os
 import threading
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from forge_rt._native import require_native
+from forge_rt.errors import ForgeError
 
 
 class PagingError(ForgeError, RuntimeError):

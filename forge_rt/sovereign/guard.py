@@ -15,7 +15,6 @@ namespace for that.
 """
 from __future__ import annotations
 
-from forge_rt.errors import ForgeError
 import ipaddress
 import logging
 import os
@@ -23,6 +22,8 @@ import socket
 import threading
 import traceback
 from dataclasses import dataclass, field
+
+from forge_rt.errors import ForgeError
 
 log = logging.getLogger("forge_rt.sovereign")
 

@@ -22,10 +22,7 @@ ciphertext or tag and a wrong passphrase apart, each with its own error.
 """
 from __future__ import annotations
 
-from forge_rt.errors import ForgeError, require_extra
-from forge_rt.sovereign.passphrase import PASSPHRASE_ENV, PassphraseError, get_passphrase  # noqa: F401 (re-exported)
 import argparse
-import getpass
 import hashlib
 import hmac
 import io
@@ -36,6 +33,13 @@ import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from forge_rt.errors import ForgeError, require_extra
+from forge_rt.sovereign.passphrase import (  # noqa: F401 (re-exported)
+    PASSPHRASE_ENV,
+    PassphraseError,
+    get_passphrase,
+)
 
 with require_extra("seal", "sealing (forge_rt.sovereign.seal)"):
     from cryptography.exceptions import InvalidTag
@@ -110,7 +114,10 @@ def _derive(passphrase: str, kdf: int, params: tuple[int, int, int], salt: bytes
         log_n, r, p = params
         out = Scrypt(salt=salt, length=64, n=1 << log_n, r=r, p=p).derive(secret)
     elif kdf == KDF_ARGON2ID:
-        from argon2.low_level import Type, hash_secret_raw   # optional dependency: argon2-cffi
+        from argon2.low_level import (  # optional dependency: argon2-cffi
+            Type,
+            hash_secret_raw,
+        )
         t, m, lanes = params
         out = hash_secret_raw(secret, salt, time_cost=t, memory_cost=m, parallelism=lanes, hash_len=64, type=Type.ID)
     else:

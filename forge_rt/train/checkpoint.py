@@ -7,7 +7,6 @@ so a crash or a full disk mid-write leaves the previous checkpoint whole. The ne
 newest one that turns out unreadable falls back to the one before (`load_latest`)."""
 from __future__ import annotations
 
-from forge_rt.errors import ForgeError
 import io
 import json
 import os
@@ -21,6 +20,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
+
+from forge_rt.errors import ForgeError
 
 _NAME = re.compile(r"step-(\d{8})")
 _TMP = re.compile(r"\.tmp-step-\d{8}-\d+")

@@ -4,8 +4,6 @@ One dataclass holds every knob; the CLI and the config file are both derived fro
 file can hold any flag and the resolved config saved with a run is complete."""
 from __future__ import annotations
 
-from forge_rt.errors import ForgeError
-from forge_rt.plan.estimate import SizeError, parse_bytes  # noqa: F401 (parse_bytes re-exported)
 import argparse
 import dataclasses
 import json
@@ -15,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from forge_rt.errors import ForgeError
+from forge_rt.plan.estimate import SizeError, parse_bytes  # noqa: F401 (parse_bytes re-exported)
 
 
 class ConfigError(ForgeError, ValueError):

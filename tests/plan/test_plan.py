@@ -12,7 +12,7 @@ import forge_rt
 from forge_rt.nn.lm_loss import causal_lm_loss
 from forge_rt.plan import Shapes, estimate, plan
 from forge_rt.plan.estimate import SizeError, parse_bytes, saved_floats_per_token
-from forge_rt.testing import lora_model, rel_err
+from forge_rt.testing import lora_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -16,24 +16,11 @@ import pytest
 import torch
 
 from forge_rt import train
-from forge_rt.testing import make_tiny_model_dir, tiny_args, tiny_rows, write_jsonl
+from forge_rt.testing import tiny_args, tiny_rows, write_jsonl
 from forge_rt.train import checkpoint as ckpt
 from forge_rt.train import model as model_load
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def tiny(smollm2, tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    return make_tiny_model_dir(root / "model", smollm2[1]), write_jsonl(root / "train.jsonl", tiny_rows())
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    def fail(*a, **k):
-        raise AssertionError("model loaded before the input was validated")
-    monkeypatch.setattr(model_load, "load_model", fail)
 
 
 def _one_error(err: str, *needles: str) -> str:

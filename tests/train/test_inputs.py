@@ -12,23 +12,8 @@ import torch
 
 from forge_rt.train import checkpoint as ckpt
 from forge_rt import train
-from forge_rt.train import model as model_load
 from forge_rt.train.config import ConfigError, resolve
-from forge_rt.testing import make_tiny_model_dir, tiny_args, tiny_rows, write_jsonl
-
-
-@pytest.fixture(scope="module")
-def tiny(smollm2, tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_inputs")
-    return make_tiny_model_dir(root / "model", smollm2[1]), write_jsonl(root / "train.jsonl", tiny_rows())
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Bad data must be reported before any model is loaded."""
-    def fail(*a, **k):
-        raise AssertionError("model loaded before the input was validated")
-    monkeypatch.setattr(model_load, "load_model", fail)
+from forge_rt.testing import tiny_args, tiny_rows, write_jsonl
 
 
 def _fails(argv, capsys, *needles):

@@ -11,15 +11,7 @@ import pytest
 import torch
 
 from forge_rt import train
-from forge_rt.testing import make_tiny_model_dir, tiny_args, tiny_rows, write_jsonl
-
-
-@pytest.fixture(scope="module")
-def tiny(smollm2, tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    model_dir = make_tiny_model_dir(root / "model", smollm2[1])
-    data = write_jsonl(root / "train.jsonl", tiny_rows())
-    return model_dir, data
+from forge_rt.testing import tiny_args, tiny_rows, write_jsonl
 
 
 def _records(run):

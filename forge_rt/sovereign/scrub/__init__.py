@@ -8,7 +8,6 @@ value: the scrubber never stores a found value, and its report holds only counts
 """
 from __future__ import annotations
 
-from forge_rt.errors import ForgeError
 import bisect
 import hashlib
 import hmac
@@ -16,6 +15,8 @@ import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from forge_rt.errors import ForgeError
 
 from .detectors import DETECTORS, TYPES
 
