@@ -19,8 +19,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_paging import capture_saved, lora_model, prose_ids  # noqa: E402
+from forge_rt.bench.models import build, capture_saved
+from forge_rt.testing import lora_model
 
 
 def steps(model, ids, n):
@@ -65,8 +65,8 @@ def main():
     a = ap.parse_args()
     from forge_rt.pager import TensorCodec
     torch.set_num_threads(2)
-    model, tok = lora_model(torch.float32)
-    ids = prose_ids(tok, a.batch, a.tokens)
+    model, ids = build("smollm2", 30, a.batch, a.tokens)
+    model = lora_model(model)
     saved = [t for t in capture_saved(model, ids) if t.numel() * t.element_size() >= 1 << 20][:200]
     model.zero_grad(set_to_none=True)
     codec = TensorCodec(threads=1, min_ratio=0.0)

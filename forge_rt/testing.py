@@ -88,3 +88,14 @@ def to_bnb4bit(model, skip: str = "lm_head"):
             setattr(model.get_submodule(parent), child, new.to("cpu"))
     model.is_loaded_in_4bit = True  # how PEFT recognises a bitsandbytes 4-bit model
     return model
+
+
+def peak_bytes(fn) -> int:
+    """The most bytes torch held on the CPU at once while fn ran, counting only what fn allocated
+    (torch.profiler memory events, summed in time order)."""
+    import itertools
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    return max(itertools.accumulate(n for _, n in events), default=0)

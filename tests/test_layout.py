@@ -11,7 +11,7 @@ import pytest
 import forge_rt
 
 PKG = Path(forge_rt.__file__).parent
-CLIS = ["train", "generate", "memmap", "seal", "info", "plan", "export", "evaluate"]
+CLIS = ["train", "generate", "memmap", "seal", "info", "plan", "export", "evaluate", "bench"]
 
 
 @pytest.mark.parametrize("name", ["nf4.quantize", "nf4.dequantize", "nf4.NF4Weight", "ops.qlora_linear",

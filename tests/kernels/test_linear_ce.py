@@ -14,10 +14,8 @@ import torch.nn.functional as F
 
 from forge_rt import ops
 from forge_rt.kernels import linear_ce_torch
+from forge_rt.testing import peak_bytes  # the bench measures memory the same way
 from forge_rt.testing import rel_err as rel
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from bench_linear_ce import peak_bytes  # noqa: E402  (the bench measures memory the same way)
 
 GPU = torch.cuda.is_available()
 BACKENDS = ["reference", "cpu", "triton"]
