@@ -17,7 +17,7 @@ from forge_rt.plan.estimate import Estimate, Shapes, estimate
 # because on the machines forge_rt is for (Orin, a shared server) memory runs out before patience.
 AUTO_SLACK = 0.40
 # Backward over forward time on the fused path (input gradients through NF4, LoRA gradients, attention
-# and elementwise backward): measured by the bench that became forge_rt/bench/cases/step.py, see bench/results/memory.json.
+# and elementwise backward): measured by the suite: python -m forge_rt.bench --only memory.
 BACKWARD_OVER_FORWARD = 2.5
 MODES = ("auto", "speed", "min")
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import importlib
 
-FAMILIES = ("kernels", "nf4", "paging", "step", "generate")
+FAMILIES = ("kernels", "nf4", "paging", "step", "memory", "generate")
 # generate loads SmolLM2 twice (forge_rt and llama.cpp): over a minute here, so only the full suite runs it
 # unless asked for with --only; tiny (the test's suite) leaves out the step family's one process per configuration.
+# memory trains the demo job once per memory mode and at long context: full suite or --only memory.
 DEFAULT = {"tiny": FAMILIES[:3], "quick": FAMILIES[:4], "full": FAMILIES}
 
 

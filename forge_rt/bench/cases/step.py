@@ -1,7 +1,7 @@
 """LoRA training steps (forward + backward, r = 16 on every projection), each configuration in its own process
 so its peak memory is its own: stock PEFT on the fp32 model and over bitsandbytes 4-bit, forge_rt's NF4 +
 fused kernels (alone, with paging, spilling), accelerate() over bitsandbytes. The full suite uses SmolLM2-135M
-on prose and adds whole `python -m forge_rt.train` runs of the demo job in each memory mode against stock PEFT.
+on prose (the trainer's memory modes against stock PEFT are the `memory` family).
 Step time excludes the first (cold) step; peak memory is RSS sampled during the steps (CUDA: max allocated)."""
 from __future__ import annotations
 
@@ -28,10 +28,6 @@ CONFIGS = {"stock fp32": dict(weights="fp32"), "stock bnb": dict(weights="bnb"),
            "forge fused + spill": dict(weights="nf4", fused=True, paging="spill"),
            "stock fp32 + save_on_cpu": dict(weights="fp32", paging="save_on_cpu")}
 FULL_ONLY = ("forge fused + spill", "stock fp32 + save_on_cpu")
-# python -m forge_rt.train on the demo job: flags per configuration (bench_memory's set), against stock PEFT.
-TRAIN_CLI = {"stock": ["--no-fused", "--no-paging"], "stock + checkpointing": ["--no-fused", "--grad-checkpointing"],
-             "forge --memory speed": ["--memory", "speed"], "forge --memory auto": ["--memory", "auto"],
-             "forge --memory min": ["--memory", "min"]}
 
 
 def _workload(ctx) -> dict:
@@ -131,30 +127,7 @@ def run(ctx) -> list[dict]:
         ctx.progress and ctx.progress.step(i, len(names), name)
         res[name] = _spawn(["--config", name, "--work", json.dumps(work), "--device", ctx.torch_device])
     case = f"{work['kind']} {work['layers']}L {work['batch']}x{work['seq']}"
-    rows = _ratio_rows(res, "stock bnb" if "stock bnb" in res else "stock fp32", "stock fp32", case)
-    if ctx.suite == "full":
-        rows += _train_cli_rows(ctx)
-    return rows
-
-
-def _train_cli(name: str, flags: list[str], workdir: Path) -> dict:
-    """One `python -m forge_rt.train` run of the demo job (4 steps x 8): mean step time past the first, peak RSS."""
-    out = workdir / name.replace(" ", "_")
-    cmd = [sys.executable, "-m", "forge_rt.train", "--output", str(out), "--no-eval", "--no-live", "--max-steps", "4",
-           "--batch-size", "8", "--checkpoint-every", "0", "--log-every", "1", *flags]
-    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    timed = recs[1:] or recs
-    return {"step_s": sum(r["step_time_s"] for r in timed) / len(timed),
-            "peak_mib": max(r["peak_rss_bytes"] for r in recs) / 2**20}
-
-
-def _train_cli_rows(ctx) -> list[dict]:
-    res = {}
-    for i, (name, flags) in enumerate(TRAIN_CLI.items()):
-        ctx.progress and ctx.progress.step(i, len(TRAIN_CLI), f"python -m forge_rt.train ({name})")
-        res[name] = _train_cli(name, flags, ctx.workdir)
-    return _ratio_rows(res, "stock", "stock", "train CLI demo 8x")
+    return _ratio_rows(res, "stock bnb" if "stock bnb" in res else "stock fp32", "stock fp32", case)
 
 
 if __name__ == "__main__":
