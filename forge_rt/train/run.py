@@ -308,6 +308,8 @@ def run_training(cfg: TrainConfig, place: RunPlace, inputs: Inputs, resume: str 
     res, tuned_res, paging_stats, t_eval = _train_and_eval(model, tok, tok_data, inputs, cfg, place.path, resume,
                                                            data_info, dist)
     if res["interrupted"] is not None:
+        # [distributed] no rank exits before rank 0's checkpoint is down (torchrun then stops the rest)
+        dist.barrier("the interrupt checkpoint")
         print(f"interrupted at step {res['steps']}/{res['total_steps']}; checkpoint written. "
               f"Continue with: python -m forge_rt.train --resume {place.path}", flush=True)
         return 128 + int(res["interrupted"])
