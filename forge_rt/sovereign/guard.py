@@ -4,8 +4,9 @@
         train(...)
     guard.report()   # {"egress_attempted": False, "attempts": []}
 
-Loopback (127.0.0.0/8, ::1, "localhost") and Unix sockets stay allowed. Every blocked attempt raises
-`EgressBlocked` (a ConnectionRefusedError, so libraries that handle refused connections fail cleanly
+Loopback (127.0.0.0/8, ::1, "localhost") and Unix sockets stay allowed, and so do the hosts named in
+`offline(allow=...)` (the trainer names torchrun's rendezvous address, MASTER_ADDR). Every blocked
+attempt raises `EgressBlocked` (a ConnectionRefusedError, so libraries that handle refused connections fail cleanly
 instead of crashing), is logged with its stack trace, and recorded for the run report. Hub libraries
 are switched to offline mode through their environment variables.
 
@@ -106,6 +107,7 @@ class Attempt:
 class Guard:
     attempts: list[Attempt] = field(default_factory=list)
     active: bool = False
+    allow: frozenset = frozenset()   # hosts let through besides loopback (normalised by _host)
     _saved: dict = field(default_factory=dict, repr=False)
     _env_saved: dict = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -116,7 +118,17 @@ class Guard:
             self.attempts.append(Attempt(what, repr(target), stack))
         log.warning("forge_rt offline guard blocked %s to %r\n%s", what, target, stack)
         return EgressBlocked(f"forge_rt offline mode: outbound {what} to {target!r} blocked "
-                             f"(only loopback and Unix sockets are allowed)")
+                             f"(only {self.allowed()} are allowed)")
+
+    def allowed(self) -> str:
+        """What gets through, in words (for errors and the run report)."""
+        if not self.allow:
+            return "loopback and Unix sockets"
+        return f"loopback, Unix sockets and {', '.join(sorted(self.allow))}"
+
+    def _let_through(self, target) -> bool:
+        host = target[0] if isinstance(target, tuple) and target else target
+        return isinstance(host, (str, bytes)) and _host(host) in self.allow
 
     def install(self) -> "Guard":
         if self.active:
@@ -136,7 +148,7 @@ class Guard:
 
         def guarded(*args, **kwargs):
             target = target_of(args)
-            if not allowed(args, target):
+            if not allowed(args, target) and not guard._let_through(target):
                 raise guard._block(name, target)
             return orig(*args, **kwargs)
         guarded.__name__ = guarded.__qualname__ = name
@@ -170,9 +182,10 @@ class Guard:
 _process_guard: Guard | None = None
 
 
-def offline() -> Guard:
-    """A guard to use as a context manager: `with offline() as g: ...` (restores everything on exit)."""
-    return Guard()
+def offline(allow=()) -> Guard:
+    """A guard to use as a context manager: `with offline() as g: ...` (restores everything on exit).
+    `allow`: host names or addresses let through besides loopback (e.g. a rendezvous address)."""
+    return Guard(allow=frozenset(_host(h) for h in allow if not _is_local_host(h)))
 
 
 def install() -> Guard:

@@ -72,6 +72,9 @@ class TrainConfig:
     shred_data: bool = field(default=False, metadata=dict(help="overwrite and delete the training data files after a successful run"))
     isolate: bool = field(default=False, metadata=dict(help="run in a new network namespace (only loopback): the kernel blocks egress, C libraries included"))
     scrub_ner: bool = field(default=False, metadata=dict(help="also scrub names of people, organisations and places (offline spaCy model; pip install 'forge_rt[ner]')"))
+    # Data-parallel runs under torchrun (see the README's "Past one machine").
+    dist_backend: str = field(default="auto", metadata=dict(help="torch.distributed backend under torchrun: auto (nccl with a GPU, else gloo)", choices=["auto", "gloo", "nccl"]))
+    dist_timeout: float = field(default=300.0, metadata=dict(help="seconds a rank waits for the others before it gives up with an error (a dead rank is noticed at once)"))
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
@@ -110,7 +113,8 @@ class TrainConfig:
 # Smallest accepted value of each numeric knob, and why (for the error message).
 _MINIMUM = {"lora_r": 1, "lora_alpha": 1e-6, "batch_size": 1, "grad_accum": 1, "max_len": 2, "eval_batch_size": 1,
             "max_new_tokens": 1, "weight_decay": 0.0, "warmup_steps": 0, "max_steps": 0, "epochs": 0.0,
-            "max_grad_norm": 0.0, "checkpoint_every": 0, "log_every": 1, "eval_limit": 1, "seed": 0}
+            "max_grad_norm": 0.0, "checkpoint_every": 0, "log_every": 1, "eval_limit": 1, "seed": 0,
+            "dist_timeout": 1.0}
 _WHY = {"max_len": "an example needs a prompt token and a response token",
         "max_steps": "0 means use --epochs; a negative count would train nothing and save an untrained adapter",
         "log_every": "progress is printed every N steps",
@@ -237,7 +241,8 @@ def resolve(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
 RESUME_MAY_CHANGE = frozenset({
     "output", "overwrite", "eval_data", "retention_text", "no_paging", "paging_budget", "grad_checkpointing",
     "checkpoint_every", "log_every", "no_live", "no_eval", "eval_limit", "eval_batch_size", "max_new_tokens",
-    "seal", "shred_data", "isolate", "memory", "memory_budget", "export", "export_quant"})
+    "seal", "shred_data", "isolate", "memory", "memory_budget", "export", "export_quant",
+    "dist_backend", "dist_timeout"})  # the number of ranks is not a flag: the global batch fixes the result
 
 
 def check_resume_changes(saved: dict[str, Any], requested: dict[str, Any], resume: str) -> None:

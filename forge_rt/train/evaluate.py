@@ -20,6 +20,7 @@ import time
 import torch
 
 from .data import prompt_text
+from .distributed import SINGLE, Dist
 
 WEIGHTS = {"exact": 0.5, "field_acc": 0.3, "valid_json": 0.2}
 VERDICT_FIELDS = ("status", "fault_code")
@@ -73,14 +74,19 @@ def _device(model) -> torch.device:
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, examples, batch_size: int = 16, max_new_tokens: int = 64) -> list[str]:
-    """Greedy answers to each example's prompt (all messages but the last), batched with left padding."""
+def generate_answers(model, tokenizer, examples, batch_size: int = 16, max_new_tokens: int = 64,
+                     dist: Dist = SINGLE) -> list[str | None]:
+    """Greedy answers to each example's prompt (all messages but the last), batched with left padding.
+    Under torchrun a rank answers every world-th batch (None for the others' examples): the batches, and
+    so the padding and the answers, are those of one process."""
     prompts = [prompt_text(tokenizer, ex["messages"]) for ex in examples]
     # Similar lengths per batch means less padding; answers are put back in input order.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     pad = tokenizer.pad_token_id  # model_load sets one; batched left padding needs it anyway
-    answers = [""] * len(prompts)
-    for s in range(0, len(order), batch_size):
+    answers = [""] * len(prompts) if not dist.enabled else [None] * len(prompts)
+    for b, s in enumerate(range(0, len(order), batch_size)):
+        if b % dist.world != dist.rank:
+            continue
         idx = order[s:s + batch_size]
         enc = tokenizer([prompts[i] for i in idx], padding=True, padding_side="left",
                         add_special_tokens=False, return_tensors="pt").to(_device(model))
@@ -94,39 +100,45 @@ def generate_answers(model, tokenizer, examples, batch_size: int = 16, max_new_t
 
 
 @torch.no_grad()
-def retention_perplexity(model, tokenizer, text: str, window: int = 512, stride: int = 256) -> float:
+def retention_perplexity(model, tokenizer, text: str, window: int = 512, stride: int = 256,
+                         dist: Dist = SINGLE) -> float:
     """Perplexity of `text`, by sliding windows: each token is scored once, with up to `window - stride`
-    tokens of context carried over from the previous window."""
+    tokens of context carried over from the previous window. Under torchrun each rank scores every
+    world-th window and the sums are gathered."""
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0].to(_device(model))
     if ids.numel() < 2:
         raise ValueError("retention text must have at least 2 tokens")
     nll, count, scored_to = 0.0, 0, 1  # token 0 has no context: never scored
-    for begin in range(0, ids.numel(), stride):
+    for w, begin in enumerate(range(0, ids.numel(), stride)):
         end = min(begin + window, ids.numel())
-        logits = model(input_ids=ids[begin:end].unsqueeze(0), use_cache=False).logits[0, :-1].float()
-        targets = ids[begin + 1:end]
         new = max(scored_to - begin - 1, 0)  # targets already scored by the previous window
-        nll += torch.nn.functional.cross_entropy(logits[new:], targets[new:], reduction="sum").item()
-        count += targets.numel() - new
         scored_to = end
+        if w % dist.world == dist.rank:
+            logits = model(input_ids=ids[begin:end].unsqueeze(0), use_cache=False).logits[0, :-1].float()
+            targets = ids[begin + 1:end]
+            nll += torch.nn.functional.cross_entropy(logits[new:], targets[new:], reduction="sum").item()
+            count += targets.numel() - new
         if end == ids.numel():
             break
-    return math.exp(nll / count)
+    sums = dist.gather([(nll, count)], "the retention perplexity")
+    return math.exp(sum(n for n, _ in sums) / sum(c for _, c in sums))
 
 
 def evaluate(model, tokenizer, examples, retention_text: str, batch_size: int = 16,
-             max_new_tokens: int = 64) -> dict:
+             max_new_tokens: int = 64, dist: Dist = SINGLE) -> dict:
     """Scores `model` (plain or PEFT) on held-out examples and retention text. Returns score, exact,
     field_acc, valid_json, ppl_retention, n, samples (first few prompt/reference/prediction) and
-    seconds."""
+    seconds. Under torchrun the work is shared out and gathered: every rank gets the same result."""
     if not examples:
         raise ValueError("no evaluation examples")
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
     try:
-        answers = generate_answers(model, tokenizer, examples, batch_size, max_new_tokens)
-        ppl = retention_perplexity(model, tokenizer, retention_text)
+        answers = generate_answers(model, tokenizer, examples, batch_size, max_new_tokens, dist)
+        for i, a in dist.gather([(i, a) for i, a in enumerate(answers) if a is not None], "evaluation"):
+            answers[i] = a
+        ppl = retention_perplexity(model, tokenizer, retention_text, dist=dist)
     finally:
         model.train(was_training)
     refs = [ex["messages"][-1]["content"] for ex in examples]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from forge_rt.monitor.sources import process_rss, reset_peak_rss
 from forge_rt.train import checkpoint as ckpt
 from forge_rt.train.config import TrainConfig
 from forge_rt.train.console import Progress, Stop
+from forge_rt.train.distributed import SINGLE, Dist, labelled_tokens
 
 
 class DivergenceError(ForgeError, RuntimeError):
@@ -114,11 +116,11 @@ def batch_shape(tok_data, cfg: TrainConfig) -> tuple[int, float, float]:
     return cfg.batch_size, padded / order.per_epoch / cfg.batch_size, labelled / padded
 
 
-def _loss(model, batch: dict, chunked: bool) -> torch.Tensor:
+def _loss(model, batch: dict, chunked: bool, **kw) -> torch.Tensor:
     if chunked:  # the LM head only where labels are, a chunk of rows at a time (forge_rt.nn.lm_loss)
         from forge_rt.nn.lm_loss import causal_lm_loss
-        return causal_lm_loss(model, **batch, use_cache=False)
-    return model(**batch, use_cache=False).loss  # with a cache, packed rows would attend across examples
+        return causal_lm_loss(model, **batch, use_cache=False, **kw)
+    return model(**batch, use_cache=False, **kw).loss  # with a cache, packed rows would attend across examples
 
 
 def trainable(model) -> dict[str, torch.nn.Parameter]:
@@ -128,8 +130,9 @@ def trainable(model) -> dict[str, torch.nn.Parameter]:
 class _State:
     """Optimizer, schedule and data order of a run, restored from a checkpoint when resuming."""
 
-    def __init__(self, model, cfg: TrainConfig, n_examples: int, resume_state: dict | None):
+    def __init__(self, model, cfg: TrainConfig, n_examples: int, resume_state: dict | None, dist: Dist = SINGLE):
         from transformers import get_scheduler
+        self.dist, self.agreed_stop = dist, None  # [distributed] the stop all ranks agreed on at the last step
         self.params = trainable(model)
         self.opt = torch.optim.AdamW(self.params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.total = total_steps(cfg, n_examples)
@@ -146,25 +149,43 @@ class _State:
             self.order = DataOrder(n_examples, cfg.batch_size, cfg.seed, **resume_state["data"])
             self.step = resume_state["step"]
             ckpt.restore_rng(resume_state["rng"])
+        dist.reseed(cfg.seed, self.step)
 
     def save(self, root: Path) -> None:
         ckpt.save_checkpoint(root, self.step, {n: p.data for n, p in self.params.items()},
                              self.opt.state_dict(), self.sched.state_dict(), self.order.state())
 
 
-def _step(model, tok_data, cfg: TrainConfig, st: _State, monitor, guard: DivergenceGuard) -> tuple[list[float], int, float]:
+def _micro(model, tok_data, cfg: TrainConfig, st: _State, monitor) -> tuple[float, int]:
+    """Forward and backward of one micro-batch, or of this rank's shard of it under torchrun; returns
+    (loss, tokens)."""
+    indices = st.order.next()
+    mine, kw = indices, {}
+    if st.dist.enabled:  # [distributed] each rank's loss is over the global label count: their sum is the mean
+        mine, kw = st.dist.shard(indices), {"num_items_in_batch": max(1, labelled_tokens(tok_data, indices))}
+        if not mine:
+            return 0.0, 0
+    batch, n = _batch(tok_data, mine)
+    _mark(monitor, "forward", st.step + 1)
+    loss = _loss(model, batch, chunked=not cfg.no_fused, **kw)
+    _mark(monitor, "backward", st.step + 1)
+    (loss / cfg.grad_accum).backward()
+    return loss.item(), n
+
+
+def _step(model, tok_data, cfg: TrainConfig, st: _State, monitor, guard: DivergenceGuard,
+          stop: Stop | None = None) -> tuple[list[float], int, float]:
     """One optimizer step (cfg.grad_accum micro-batches); returns (micro-batch losses, tokens, lr). A
     non-finite loss or gradient stops the run before the optimizer applies it."""
     losses, n_tok = [], 0
     for _ in range(cfg.grad_accum):
-        batch, n = _batch(tok_data, st.order.next())
+        loss, n = _micro(model, tok_data, cfg, st, monitor)
+        losses.append(loss)
         n_tok += n
-        _mark(monitor, "forward", st.step + 1)
-        loss = _loss(model, batch, chunked=not cfg.no_fused)
-        _mark(monitor, "backward", st.step + 1)
-        (loss / cfg.grad_accum).backward()
-        losses.append(loss.item())
     _mark(monitor, "optimizer", st.step + 1)
+    if st.dist.enabled:  # [distributed] one all-reduce: gradients, losses, tokens and a pending stop
+        losses, n_tok, st.agreed_stop = st.dist.sync_step(st.params.values(), losses, n_tok,
+                                                          stop.signum if stop is not None else None)
     # max_norm inf measures the norm without clipping.
     norm = torch.nn.utils.clip_grad_norm_(st.params.values(), cfg.max_grad_norm or math.inf)
     guard.check_finite(st.step + 1, sum(losses) / len(losses), float(norm))
@@ -175,19 +196,26 @@ def _step(model, tok_data, cfg: TrainConfig, st: _State, monitor, guard: Diverge
     return losses, n_tok, lr
 
 
+def _stopped(st: _State, stop: Stop) -> int | None:
+    """The signal that ends the run: this process's, or under torchrun the one the ranks agreed on."""
+    return st.agreed_stop if st.dist.enabled else stop.signum
+
+
 def train_loop(model, tok_data, cfg: TrainConfig, run: Path, resume_state: dict | None, monitor, pager,
-               stop: Stop) -> dict:
+               stop: Stop, dist: Dist = SINGLE) -> dict:
     """Runs optimizer steps up to the configured total; returns a summary. Checkpoints periodically,
     at the end and on SIGINT/SIGTERM (summary['interrupted'] is then the signal number)."""
-    st = _State(model, cfg, len(tok_data), resume_state)
+    st = _State(model, cfg, len(tok_data), resume_state, dist)
     metrics_path = run / "metrics.jsonl"
-    _truncate_metrics(metrics_path, st.step)
-    earlier = read_metrics(metrics_path)
-    guard = DivergenceGuard(cfg, run / "checkpoints", earlier[0]["loss"] if earlier else None)
+    if dist.is_main:  # [distributed] only rank 0 writes the run directory
+        _truncate_metrics(metrics_path, st.step)
+    earlier = read_metrics(metrics_path) if dist.is_main else []
+    guard = DivergenceGuard(cfg, run / "checkpoints", dist.broadcast(earlier[0]["loss"] if earlier else None))
 
     def save() -> None:
         _mark(monitor, "checkpoint", st.step)
-        st.save(run / "checkpoints")
+        if dist.is_main:
+            st.save(run / "checkpoints")
 
     model.train()
     stop.deferring = True
@@ -196,10 +224,10 @@ def train_loop(model, tok_data, cfg: TrainConfig, run: Path, resume_state: dict 
     reset_peak_rss()  # the peak then covers training, not model loading
     pre_step_rss = process_rss()[0]
     try:
-        with metrics_path.open("a") as mlog:
-            while st.step < st.total and stop.signum is None:
+        with (metrics_path if dist.is_main else Path(os.devnull)).open("a") as mlog:
+            while st.step < st.total and _stopped(st, stop) is None:
                 t0 = time.time()
-                losses, n_tok, lr = _step(model, tok_data, cfg, st, monitor, guard)
+                losses, n_tok, lr = _step(model, tok_data, cfg, st, monitor, guard, stop)
                 paged = pager.end_step() if pager is not None else None
                 st.step += 1
                 dt = time.time() - t0
@@ -220,7 +248,7 @@ def train_loop(model, tok_data, cfg: TrainConfig, run: Path, resume_state: dict 
     finally:
         stop.deferring = False
         progress.close()
-    return {"steps": st.step, "total_steps": st.total, "interrupted": stop.signum,
+    return {"steps": st.step, "total_steps": st.total, "interrupted": _stopped(st, stop),
             "train_time_s": time.time() - t_start, "step_times": step_times,
             "peak_rss_bytes": process_rss()[1], "pre_step_rss_bytes": pre_step_rss, "tokens_per_s_mean": (sum(tps_all) / len(tps_all)) if tps_all else None}
 

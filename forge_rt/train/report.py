@@ -83,13 +83,16 @@ def plot(records: list[dict], run: Path) -> list[str]:
 
 
 def plot_memory_map(run: Path) -> list[str]:
-    """memory.png from the monitor's 10 Hz record (pools over time, phases shaded, peaks annotated)."""
-    record = run / "memory.jsonl"
-    if not record.exists():
-        return []
+    """memory.png from the monitor's 10 Hz record (pools over time, phases shaded, peaks annotated); under
+    torchrun also memory.rank<R>.png from each other rank's record found here (same machine)."""
     from forge_rt.monitor import replay
-    replay.render(replay.load(record), out=run / "memory.png")
-    return ["memory.png"]
+    records = sorted(run.glob("memory.rank*.jsonl"), key=lambda p: int(p.name[len("memory.rank"):-len(".jsonl")]))
+    names = []
+    for record in [run / "memory.jsonl", *records]:
+        if record.exists():
+            replay.render(replay.load(record), out=record.with_suffix(".png"))
+            names.append(record.with_suffix(".png").name)
+    return names
 
 
 def render_markdown(m: dict, plots: list[str]) -> str:
@@ -115,8 +118,12 @@ def render_markdown(m: dict, plots: list[str]) -> str:
     s = m.get("scrub") or {}
     lines.append(f"- PII scrubbing: {json.dumps(s)}")
     if "egress_attempts" in m:
-        lines.append(f"- network egress (offline guard): {m['egress']}; network namespace (--isolate): "
-                     f"{'on, only loopback' if m.get('isolated') else 'off'}")
+        lines.append(f"- network egress (offline guard): {m['egress']}; allowed: {m.get('egress_allowed', '-')}; "
+                     f"network namespace (--isolate): {'on, only loopback' if m.get('isolated') else 'off'}")
+    if m.get("distributed"):
+        d = m["distributed"]
+        lines.append(f"- data-parallel: {d['ranks']} ranks ({d['backend']}), rendezvous at {d['rendezvous']}; "
+                     "global batch = --batch-size, shared out across the ranks")
     if m.get("sealed"):
         lines.append(f"- adapter sealed to `{m['sealed']['sealed']}` ({m['sealed']['kdf']}, AES-256-GCM); "
                      f"{m['sealed']['plaintext_shredded']} plaintext adapter/checkpoint files shredded")

@@ -18,6 +18,7 @@ from forge_rt.errors import ForgeError
 from forge_rt.train import checkpoint as ckpt
 from forge_rt.train.config import TrainConfig, parse_bytes, save_config
 from forge_rt.train.console import Stop
+from forge_rt.train.distributed import SINGLE, Dist
 from forge_rt.train.loop import _mark, read_metrics, train_loop
 
 
@@ -80,11 +81,22 @@ def prepare_run_dir(cfg: TrainConfig, resume: str | None) -> RunPlace:
     return place
 
 
+def share_run_dir(cfg: TrainConfig, resume: str | None, dist: Dist) -> RunPlace:
+    """[distributed] prepare_run_dir on rank 0; the other ranks get its path only (rank 0 alone may swap or
+    discard it) and make it where it is missing (another node), for their memory record."""
+    place = dist.from_main(lambda: prepare_run_dir(cfg, resume), "the run directory's preparation")
+    if dist.is_main:
+        return place
+    place.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return RunPlace(place.path)
+
+
 @contextlib.contextmanager
-def offline_guard():
-    """forge_rt.sovereign.offline(): blocks egress and puts the hub libraries in offline mode."""
+def offline_guard(allow=()):
+    """forge_rt.sovereign.offline(): blocks egress (but to loopback and the `allow` hosts) and puts the hub
+    libraries in offline mode."""
     from forge_rt.sovereign import offline
-    with offline() as guard:
+    with offline(allow) as guard:
         yield guard
 
 
@@ -140,9 +152,9 @@ def _scrub_rows(scrubber, examples, mode: str):
     return Examples(rows, examples.format, examples.path)
 
 
-def _start_monitor(run: Path, pager):
+def _start_monitor(run: Path, pager, dist: Dist):
     from forge_rt.monitor import MemoryMonitor
-    mon = MemoryMonitor(interval=0.1, out_path=run / "memory.jsonl", paging=pager)
+    mon = MemoryMonitor(interval=0.1, out_path=run / dist.memory_name, paging=pager)
     mon.start()
     return mon
 
@@ -183,19 +195,21 @@ def _memory_plan(cfg: TrainConfig, base, tok_data, run: Path):
     return memory_plan
 
 
-def _evaluate(model, tok, evals, retention, cfg: TrainConfig) -> dict:
+def _evaluate(model, tok, evals, retention, cfg: TrainConfig, dist: Dist) -> dict:
     from forge_rt.train.evaluate import evaluate  # eval mode, no_grad and timing are evaluate()'s own
-    return evaluate(model, tok, evals, retention, batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens)
+    return evaluate(model, tok, evals, retention, batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
+                    dist=dist)
 
 
-def _prepare(cfg: TrainConfig, run: Path, inputs: Inputs):
+def _prepare(cfg: TrainConfig, run: Path, inputs: Inputs, dist: Dist):
     """Model loaded and built, data tokenized; returns what the run needs."""
     from forge_rt.train.data import tokenize_examples
     from forge_rt.train.model import build_model, load_model
     train, evals = inputs.train, inputs.evals
     print(f"data: {len(train)} training examples ({getattr(train, 'format', '?')} format) from {inputs.train_path}"
           + (f"; {len(evals)} held-out" if evals is not None else ""), flush=True)
-    save_config(cfg, run / "config.json")
+    if dist.is_main:
+        save_config(cfg, run / "config.json")
 
     torch.manual_seed(cfg.seed)
     base, tok = load_model(cfg.model)
@@ -236,59 +250,72 @@ def save_adapter(model, tok, run: Path) -> None:
                            "to write it") from None
 
 
+def _load_resume(run: Path) -> dict:
+    last, state = ckpt.load_latest(run / "checkpoints")
+    print(f"resume: {last} (step {state['step']})", flush=True)
+    return state
+
+
 def _train_and_eval(model, tok, tok_data, inputs: Inputs, cfg: TrainConfig, run: Path, resume: str | None,
-                    data_info: dict):
+                    data_info: dict, dist: Dist):
     """Base eval, training, adapter save, tuned eval; returns (train summary, tuned result, paging stats,
     eval seconds), or the exit code of an interrupted run as the train summary's 'interrupted'."""
-    resume_state = None
-    if resume is not None:
-        last, resume_state = ckpt.load_latest(run / "checkpoints")
-        print(f"resume: {last} (step {resume_state['step']})", flush=True)
+    # [distributed] rank 0 reads the checkpoint and the run directory; every rank gets what it found.
+    resume_state = dist.from_main(lambda: _load_resume(run), "resume") if resume is not None else None
     eval_base_path = run / "eval_base.json"
     evals, retention = inputs.evals, inputs.retention
     do_eval = not cfg.no_eval and evals is not None
+    do_base = dist.broadcast(do_eval and not eval_base_path.exists())
     if not cfg.no_eval and evals is None:
         print("eval: skipped, no --eval-data given for this dataset", flush=True)
     pager = _make_pager(cfg, run, data_info["memory_plan"])
-    monitor = _start_monitor(run, pager)
+    monitor = _start_monitor(run, pager, dist)
     t_eval, tuned_res, paging_stats = 0.0, None, None
     # From here on SIGINT/SIGTERM end the run cleanly: at once during eval, at a step end in training.
     with Stop() as stop:
         try:
-            if do_eval and not eval_base_path.exists():
+            if do_base:
                 print("eval: base model ...", flush=True)
                 _mark(monitor, "eval")
-                base_res = _evaluate(model, tok, evals, retention, cfg)
+                base_res = _evaluate(model, tok, evals, retention, cfg, dist)
                 t_eval += base_res["seconds"]
-                eval_base_path.write_text(json.dumps(_jsonable(base_res, t_eval)))
+                if dist.is_main:
+                    eval_base_path.write_text(json.dumps(_jsonable(base_res, t_eval)))
             with pager or contextlib.nullcontext():
-                res = train_loop(model, tok_data, cfg, run, resume_state, monitor, pager, stop)
+                res = train_loop(model, tok_data, cfg, run, resume_state, monitor, pager, stop, dist)
             paging_stats = dict(pager.stats()) if pager is not None else None
             if res["interrupted"] is not None:
                 return res, None, paging_stats, t_eval
-            save_adapter(model, tok, run)
+            if dist.is_main:
+                save_adapter(model, tok, run)
             if do_eval:
                 print("eval: tuned model ...", flush=True)
                 _mark(monitor, "eval")
-                tuned_res = _evaluate(model, tok, evals, retention, cfg)
+                tuned_res = _evaluate(model, tok, evals, retention, cfg, dist)
                 t_eval += tuned_res["seconds"]
         finally:
             monitor.stop()
     return res, tuned_res, paging_stats, t_eval
 
 
-def run_training(cfg: TrainConfig, place: RunPlace, inputs: Inputs, resume: str | None, guard=None) -> int:
+def run_training(cfg: TrainConfig, place: RunPlace, inputs: Inputs, resume: str | None, guard=None,
+                 dist: Dist = SINGLE) -> int:
     from forge_rt.train import report
     from forge_rt.sovereign.passphrase import get_passphrase
     t_all = time.time()
     passphrase = get_passphrase(confirm=True, what="passphrase to seal the adapter") if cfg.seal else None
-    model, tok, tok_data, summary, data_info = _prepare(cfg, place.path, inputs)
+    model, tok, tok_data, summary, data_info = _prepare(cfg, place.path, inputs, dist)
     res, tuned_res, paging_stats, t_eval = _train_and_eval(model, tok, tok_data, inputs, cfg, place.path, resume,
-                                                           data_info)
+                                                           data_info, dist)
     if res["interrupted"] is not None:
+        # [distributed] no rank exits before rank 0's checkpoint is down (torchrun then stops the rest)
+        dist.barrier("the interrupt checkpoint")
         print(f"interrupted at step {res['steps']}/{res['total_steps']}; checkpoint written. "
               f"Continue with: python -m forge_rt.train --resume {place.path}", flush=True)
         return 128 + int(res["interrupted"])
+    dist.barrier("the end of training")  # [distributed] every memory record is closed before rank 0 reports
+    if not dist.is_main:
+        return 0
     if place.replaces is not None:
         place.swap_in()  # the new run has its adapter: only now does it replace the old one
     run = place.path
@@ -304,6 +331,9 @@ def run_training(cfg: TrainConfig, place: RunPlace, inputs: Inputs, resume: str 
     if guard is not None:
         metrics["egress_attempts"] = len(guard.attempts)
         metrics["egress"] = guard.report()["summary"]
+        metrics["egress_allowed"] = guard.allowed()
+    metrics["distributed"] = ({"ranks": dist.world, "backend": dist.backend, "rendezvous": dist.master}
+                              if dist.enabled else None)
     from forge_rt.sovereign import isolate
     metrics["isolated"] = isolate.inside()  # --isolate: the kernel's network namespace, not only the guard
     report.write_run_report(run, metrics, read_metrics(run / "metrics.jsonl"))

@@ -1,0 +1,107 @@
+"""Data-parallel training under torchrun (issue 16), on CPU with gloo: 2 ranks give the single-process result
+for the same global batch, rank 0 alone writes the run, a dead rank stops the other within bounded time and
+the run resumes with one process."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from forge_rt import train
+from forge_rt.testing import make_tiny_model_dir, rel_err, tiny_args, tiny_rows, write_jsonl
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny(smollm2, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    return (make_tiny_model_dir(root / "model", smollm2[1]), write_jsonl(root / "train.jsonl", tiny_rows()),
+            write_jsonl(root / "eval.jsonl", tiny_rows(6)))
+
+
+def _torchrun(n: int, args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                             str(n), "-m", "forge_rt.train", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _args(tiny, out: Path, *extra: str) -> list[str]:
+    model_dir, data, evals = tiny
+    args = tiny_args(model_dir, data, out, "--max-steps", "4", "--lora-dropout", "0", "--eval-data", str(evals),
+                     "--max-new-tokens", "4", "--eval-batch-size", "2", *extra)
+    args.remove("--no-eval")
+    return args
+
+
+def test_two_ranks_equal_one_process_and_adapter_loads_in_peft(tiny, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert train.main(_args(tiny, one)) == 0
+    proc = _torchrun(2, _args(tiny, two))
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    from safetensors.torch import load_file
+    a, b = (load_file(r / "adapter/adapter_model.safetensors") for r in (one, two))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert rel_err(b[k], a[k]) <= 1e-5 or a[k].abs().max() == b[k].abs().max() == 0, k
+    la, lb = ([json.loads(l)["loss"] for l in (r / "metrics.jsonl").read_text().splitlines()] for r in (one, two))
+    torch.testing.assert_close(lb, la, rtol=1e-5, atol=0)
+    ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (one, two))
+    assert (mb["score_base"], mb["score_tuned"]) == (ma["score_base"], ma["score_tuned"])  # gathered eval
+    assert mb["ppl_retention_base"] == pytest.approx(ma["ppl_retention_base"], rel=1e-6)
+    assert mb["distributed"] == {"ranks": 2, "backend": "gloo", "rendezvous": "localhost"}
+    # Rank 1 wrote only its memory record; rank 0 everything else (one memory picture per rank).
+    assert (two / "memory.rank1.jsonl").is_file() and (two / "memory.rank1.png").is_file()
+    assert sorted(p.name for p in two.iterdir()) == sorted([*(p.name for p in one.iterdir()),
+                                                            "memory.rank1.jsonl", "memory.rank1.png"])
+    assert "data-parallel: 2 ranks (gloo)" in (two / "report.md").read_text()
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny[0]), two / "adapter")
+    state = model.state_dict()
+    key = next(k for k in b if k.endswith("lora_B.weight"))
+    torch.testing.assert_close(state[key.replace(".weight", ".default.weight")], b[key])
+
+
+def _rank_pid(launcher: int, rank: int) -> int | None:
+    """The pid of torchrun's worker for `rank` (a child of the launcher holding RANK=<rank>)."""
+    children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+    for pid in children:
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(pid)
+    return None
+
+
+def test_dead_rank_stops_the_other_and_one_process_resumes(tiny, tmp_path):
+    run = tmp_path / "run"
+    proc = _torchrun(2, _args(tiny, run, "--max-steps", "40", "--checkpoint-every", "1", "--no-eval",
+                              "--dist-timeout", "30"))
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "step-00000002").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:] if proc.poll() else "slow"
+        time.sleep(0.2)
+    os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
+    t0 = time.time()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.time() - t0 < 60, err[-3000:]
+    # The surviving rank says why in one line (torchrun's own report of the killed worker follows it).
+    assert "error: rank 0 of 2 lost the other ranks" in err, err[-3000:]
+    done = max(int(p.name[5:]) for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert 2 <= done < 40 and not (run / "adapter").exists()
+    # One process picks the run up from the global data position and finishes it.
+    assert train.main(["--resume", str(run), "--no-live"]) == 0
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 41)) and (run / "adapter/adapter_model.safetensors").is_file()
