@@ -172,7 +172,7 @@ def _make_pager(cfg: TrainConfig, run: Path, memory_plan):
     return forge_rt.paging(budget_bytes=parse_bytes(budget, "paging_budget"), spill_dir=str(spill))
 
 
-def _memory_plan(cfg: TrainConfig, base, tok_data, run: Path):
+def _memory_plan(cfg: TrainConfig, base, tok_data, run: Path, dist: Dist = SINGLE):
     """The planner's choice for this model and data (None for the stock --no-fused baseline), applied:
     gradient checkpointing on the base model when chosen or forced with --grad-checkpointing."""
     memory_plan = None
@@ -181,6 +181,7 @@ def _memory_plan(cfg: TrainConfig, base, tok_data, run: Path):
         from forge_rt.plan.probe import probe
         from forge_rt.train.loop import batch_shape
         batch, seq_len, labelled = batch_shape(tok_data, cfg)
+        batch = max(1, -(-batch // dist.world))  # [distributed] each rank holds its shard of the global batch
         budget = parse_bytes(cfg.memory_budget, "memory_budget") if cfg.memory_budget else None
         memory_plan = plan(Shapes.from_config(base.config), batch, seq_len, cfg.memory, budget,
                            rates=probe(str(run)), labelled_fraction=labelled, lora_r=cfg.lora_r)
@@ -218,7 +219,7 @@ def _prepare(cfg: TrainConfig, run: Path, inputs: Inputs, dist: Dist):
     if n_trunc:
         print(f"data: {n_trunc} of {len(train)} examples are longer than max_len={cfg.max_len} tokens and were truncated",
               flush=True)
-    memory_plan = _memory_plan(cfg, base, tok_data, run)
+    memory_plan = _memory_plan(cfg, base, tok_data, run, dist)
     torch.manual_seed(cfg.seed)  # LoRA init
     model = build_model(base, cfg)
     summary = getattr(model, "forge_rt_summary", None)
