@@ -111,7 +111,7 @@ def gguf_tensors(path: Path, skeleton: nn.Module):
         def read(t=t):
             w = processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name,
                                   tensor_key_mapping=names, parsed_parameters={}).weights
-            return torch.from_numpy(np.ascontiguousarray(w))
+            return torch.from_numpy(np.require(w, requirements=("C", "W")))  # F32 comes back as a read-only map view
         yield names.get(t.name), path, int(t.n_bytes), read
         since_drop += int(t.n_bytes)
         if since_drop > _DROP_EVERY:  # the map's touched pages count in RSS: give them back (page cache keeps them)
