@@ -139,3 +139,16 @@ def test_unsupported_architecture_says_so(smol_tok, tmp_path):
     smol_tok.save_pretrained(d)
     with pytest.raises(ModelLoadError, match="'gpt_neox' has no streaming NF4 loader.*--no-fused"):
         load_model(d, nf4=True)
+
+
+def test_7b_checkpoint_tool_at_a_tiny_shape(smol_tok, tmp_path):
+    import importlib.util
+    from pathlib import Path
+    tool = Path(__file__).resolve().parents[2] / "tools" / "make_7b_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("make_7b_checkpoint", tool)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    d = mod.write_checkpoint(tmp_path / "m", 64, 128, 2, 4, len(smol_tok), 200_000, smol_tok)
+    assert len(list(d.glob("*.safetensors"))) > 1
+    model, _ = load_model(d, nf4=True)
+    assert sum(isinstance(m, NF4Linear) for m in model.modules()) == 14
