@@ -14,14 +14,23 @@ from torch import nn
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def make_tiny_model_dir(path: Path, tokenizer) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+# Tiny configs of each architecture the streaming NF4 loader supports: model_type -> its own settings.
+TINY_ARCHS = {"llama": {"tie_word_embeddings": False}, "mistral": {}, "qwen2": {}, "phi3": {},
+              "gemma2": {"head_dim": 16}, "gemma3_text": {"head_dim": 16}}
+
+
+def make_tiny_model_dir(path: Path, tokenizer, arch: str = "llama", max_shard_size: str | None = None) -> Path:
+    """A random 2-layer causal LM of `arch` (a TINY_ARCHS key) saved with `tokenizer`, in shards of at most
+    `max_shard_size` if given."""
+    from transformers import AutoConfig, AutoModelForCausalLM
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(path)
+    cfg = AutoConfig.for_model(arch, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                               **TINY_ARCHS[arch])
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tokenizer.save_pretrained(path)
     return path
 

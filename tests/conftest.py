@@ -28,3 +28,15 @@ def smollm2():
 def fresh_smollm2(smollm2):
     model, tok = smollm2
     return copy.deepcopy(model), tok
+
+
+@pytest.fixture(scope="session")
+def smol_tok():
+    """SmolLM2's tokenizer, read from the shipped GGUF without loading the model."""
+    from transformers import AutoTokenizer
+    from forge_rt.train.model import default_gguf_path
+    path = default_gguf_path()
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok

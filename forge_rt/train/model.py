@@ -80,22 +80,28 @@ def check_complete(path: Path, info: dict) -> None:
                              "incomplete (copy it again, or check that all weight shards are there)")
 
 
-def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer), loaded with no network access. A GGUF is dequantized to nn.Linear."""
+def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, nf4: bool = False):
+    """(model, tokenizer), loaded with no network access. A GGUF is dequantized to nn.Linear; with `nf4`
+    a GGUF or safetensors checkpoint is streamed straight into NF4 linears (train.stream_load)."""
     set_offline_env()
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from forge_rt.train.stream_load import load_nf4
     p = check_model_path(path if path is not None else default_gguf_path())
     try:
         if p.is_file():
             kw = dict(gguf_file=p.name)
             tok = AutoTokenizer.from_pretrained(p.parent, **kw)
-            model = AutoModelForCausalLM.from_pretrained(p.parent, dtype=dtype, **kw)
+            model = load_nf4(p, dtype) if nf4 else AutoModelForCausalLM.from_pretrained(p.parent, dtype=dtype, **kw)
         else:
             check_causal(p)
             tok = AutoTokenizer.from_pretrained(p)
-            model, info = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, output_loading_info=True)
-            check_complete(p, info)
+            if nf4 and any(p.glob("*.safetensors")):
+                model = load_nf4(p, dtype)
+            else:
+                model, info = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, output_loading_info=True)
+                check_complete(p, info)
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
         if isinstance(exc, ModelLoadError):
             raise
@@ -188,7 +194,7 @@ def load_run(run: str | os.PathLike, passphrase_file=None):
     if not (adapter / "adapter_config.json").is_file():
         from forge_rt.sovereign.passphrase import get_passphrase
         phrase = get_passphrase(passphrase_file, what=f"passphrase for {sealed}")
-    base, tok = load_model(cfg.model)
+    base, tok = load_model(cfg.model, nf4=not cfg.no_fused)
     if (run / "tokenizer").is_dir():
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(run / "tokenizer")

@@ -213,7 +213,7 @@ def _prepare(cfg: TrainConfig, run: Path, inputs: Inputs, dist: Dist):
         save_config(cfg, run / "config.json")
 
     torch.manual_seed(cfg.seed)
-    base, tok = load_model(cfg.model)
+    base, tok = load_model(cfg.model, nf4=not cfg.no_fused)
     tok_data = tokenize_examples(train, tok, cfg.max_len, pack=cfg.pack)
     n_trunc = int(getattr(tok_data, "n_truncated", 0))
     if n_trunc:

@@ -1,5 +1,5 @@
-"""Shared by the export tests: the SmolLM2 tokenizer (from the shipped GGUF, no model load), a tiny random
-Llama saved with it, and run directories holding a random (non-zero) LoRA adapter over that model."""
+"""Shared by the export tests: a tiny random Llama saved with the SmolLM2 tokenizer (tests/conftest.py),
+and run directories holding a random (non-zero) LoRA adapter over that model."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,17 +12,6 @@ import torch
 from forge_rt.testing import make_tiny_model_dir
 
 PASSPHRASE = "correct horse battery staple"
-
-
-@pytest.fixture(scope="session")
-def smol_tok():
-    from transformers import AutoTokenizer
-    from forge_rt.train.model import default_gguf_path
-    path = default_gguf_path()
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 @pytest.fixture(scope="session")

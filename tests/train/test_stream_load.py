@@ -1,0 +1,154 @@
+"""Streaming NF4 load (forge_rt.train.stream_load): every supported architecture, from sharded safetensors
+and from GGUF, gives the same NF4 bytes and logits as loading in fp32 then quantize_model, trains through
+the trainer with every linear fused, and bad checkpoints fail before training, naming file and tensor."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from forge_rt import train
+from forge_rt.nn import NF4Linear, quantize_model
+from forge_rt.testing import TINY_ARCHS, make_tiny_model_dir, rel_err, tiny_args, tiny_rows, write_jsonl
+from forge_rt.train.model import ModelLoadError, load_model, load_run
+
+
+@pytest.fixture(scope="module")
+def arch_dirs(smol_tok, tmp_path_factory):
+    root = tmp_path_factory.mktemp("archs")
+    # Shards of at most 2 MB: each tiny model spans several files and an index.
+    return {a: make_tiny_model_dir(root / a, smol_tok, a, max_shard_size="2MB") for a in TINY_ARCHS}
+
+
+def _assert_same_model(streamed, reference):
+    ref = quantize_model(reference)
+    a, b = streamed.state_dict(), ref.state_dict()
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    for (name, m), (_, r) in zip(streamed.named_modules(), ref.named_modules()):
+        if isinstance(m, NF4Linear):  # absmax and double-quantization state, not only the packed bytes
+            assert torch.equal(m.nf4.absmax, r.nf4.absmax), name
+    ids = torch.randint(0, 1000, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(streamed(ids).logits, ref(ids).logits)
+
+
+@pytest.mark.parametrize("arch", list(TINY_ARCHS))
+def test_sharded_safetensors_stream_to_the_same_nf4(arch_dirs, arch):
+    d = arch_dirs[arch]
+    assert (d / "model.safetensors.index.json").is_file() and len(list(d.glob("*.safetensors"))) > 1
+    streamed, _ = load_model(d, nf4=True)
+    head = streamed.get_output_embeddings()
+    linears = [m for m in streamed.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    assert linears and all(isinstance(m, NF4Linear) for m in linears)
+    if streamed.config.tie_word_embeddings:
+        assert head.weight is streamed.get_input_embeddings().weight
+    _assert_same_model(streamed, load_model(d)[0])
+
+
+@pytest.mark.parametrize("arch,quant", [("llama", "f32"), ("llama", "q8_0"), ("qwen2", "f32")])
+def test_gguf_streams_to_the_same_nf4_as_transformers_gguf_load(arch_dirs, smol_tok, tmp_path, arch, quant):
+    from transformers import AutoModelForCausalLM
+    from forge_rt.export.gguf_model import write_gguf
+    out = tmp_path / f"{arch}.{quant}.gguf"
+    write_gguf(AutoModelForCausalLM.from_pretrained(arch_dirs[arch]), smol_tok, out, quant, None)
+    streamed, _ = load_model(out, nf4=True)
+    _assert_same_model(streamed, load_model(out)[0])  # transformers un-permutes llama.cpp's q/k rows itself
+    if quant == "f32":  # lossless: the same NF4 as the safetensors it came from
+        _assert_same_model(load_model(out, nf4=True)[0], load_model(arch_dirs[arch])[0])
+
+
+@pytest.mark.parametrize("arch", list(TINY_ARCHS))
+def test_trains_fused_and_stock_peft_loads_the_adapter(arch_dirs, arch, tmp_path, capsys):
+    from peft import PeftModel
+    data = write_jsonl(tmp_path / "train.jsonl", tiny_rows(8))
+    run = tmp_path / "run"
+    assert train.main(tiny_args(arch_dirs[arch], data, run, "--max-steps", "2", "--checkpoint-every", "2")) == 0
+    assert "stock path: none" in capsys.readouterr().out
+    ours, _, _ = load_run(run)
+    stock = PeftModel.from_pretrained(quantize_model(load_model(arch_dirs[arch])[0]), run / "adapter").eval()
+    ids = torch.randint(0, 1000, (2, 12))
+    with torch.no_grad():
+        assert rel_err(ours(ids).logits, stock(ids).logits) < 1e-4
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _fails_before_training(model_dir, tmp_path, capsys, *needles):
+    run = tmp_path / "run"
+    assert train.main(tiny_args(model_dir, write_jsonl(tmp_path / "t.jsonl", tiny_rows(8)), run)) == 2
+    err = capsys.readouterr().err
+    for n in needles:
+        assert n in err, (n, err)
+    assert not (run / "metrics.jsonl").exists()
+
+
+def test_truncated_shard(arch_dirs, tmp_path, capsys):
+    d = _copy(arch_dirs["llama"], tmp_path / "cut")
+    shard = sorted(d.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    _fails_before_training(d, tmp_path, capsys, str(shard), "is truncated: tensor ", "copy the shard again")
+
+
+def test_shard_missing_a_tensor(arch_dirs, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    d = _copy(arch_dirs["qwen2"], tmp_path / "holed")
+    index = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.1.self_attn.k_proj.bias"
+    shard = d / index[name]
+    tensors = load_file(shard)
+    del tensors[name]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    _fails_before_training(d, tmp_path, capsys, str(shard), f"lacks tensor {name}")
+
+
+def test_checkpoint_without_a_tensor_anywhere(arch_dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+    d = _copy(arch_dirs["llama"], tmp_path / "short")
+    tensors = {}
+    for f in d.glob("*.safetensors"):
+        tensors.update(load_file(f))
+        f.unlink()
+    (d / "model.safetensors.index.json").unlink()
+    del tensors["model.layers.0.mlp.up_proj.weight"]
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="does not hold 1 tensor.*model.layers.0.mlp.up_proj.weight"):
+        load_model(d, nf4=True)
+
+
+def test_non_causal_config(smol_tok, tmp_path, capsys):
+    from transformers import BertConfig, BertModel
+    d = tmp_path / "bert"
+    BertModel(BertConfig(vocab_size=len(smol_tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(d)
+    smol_tok.save_pretrained(d)
+    _fails_before_training(d, tmp_path, capsys, str(d), "not a causal language model")
+
+
+def test_unsupported_architecture_says_so(smol_tok, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    d = tmp_path / "neox"
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "gpt_neox", vocab_size=len(smol_tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64)).save_pretrained(d)
+    smol_tok.save_pretrained(d)
+    with pytest.raises(ModelLoadError, match="'gpt_neox' has no streaming NF4 loader.*--no-fused"):
+        load_model(d, nf4=True)
+
+
+def test_7b_checkpoint_tool_at_a_tiny_shape(smol_tok, tmp_path):
+    import importlib.util
+    from pathlib import Path
+    tool = Path(__file__).resolve().parents[2] / "tools" / "make_7b_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("make_7b_checkpoint", tool)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    d = mod.write_checkpoint(tmp_path / "m", 64, 128, 2, 4, len(smol_tok), 200_000, smol_tok)
+    assert len(list(d.glob("*.safetensors"))) > 1
+    model, _ = load_model(d, nf4=True)
+    assert sum(isinstance(m, NF4Linear) for m in model.modules()) == 14
