@@ -6,6 +6,7 @@ is an nn.Linear subclass, so PEFT's stock LoRA dispatcher wraps it with a plain 
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 from torch import nn
@@ -61,13 +62,23 @@ def _skipped(name: str, skip) -> bool:
 
 def quantize_model(model: nn.Module, skip=("lm_head",), blocksize: int = 64, double_quant: bool = True,
                    quant_type: str = "nf4") -> nn.Module:
-    """Replace every nn.Linear (except names or name components in `skip`) by an NF4Linear, in place."""
+    """Replace every nn.Linear (except names or name components in `skip`) by an NF4Linear, in place.
+
+    The model is flagged `is_loaded_in_4bit`, as bitsandbytes models are, so PEFT treats it as one
+    (prepare_model_for_kbit_training enables gradient checkpointing). GPT-2-style Conv1D layers (transposed
+    weights) are neither quantized nor fused: a warning says so."""
     targets = [(name, mod) for name, mod in model.named_modules()
                if type(mod) is nn.Linear and not _skipped(name, skip)]
     for name, mod in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, NF4Linear.from_linear(mod, blocksize, double_quant, quant_type))
+    conv1d = [name for name, mod in model.named_modules() if type(mod).__name__ == "Conv1D"]
+    if conv1d:
+        warnings.warn(f"forge_rt.quantize_model: {len(conv1d)} Conv1D layers (GPT-2 style, e.g. {conv1d[0]}) are "
+                      "left in full precision and are not fused by accelerate; forge_rt quantizes and fuses "
+                      "nn.Linear layers only", UserWarning, stacklevel=2)
+    model.is_loaded_in_4bit = True
     log.info("forge_rt.quantize_model: %d linear layers -> NF4 (%s, blocksize %d, double quant %s)",
              len(targets), quant_type, blocksize, double_quant)
     return model
