@@ -179,3 +179,71 @@ def test_prepare_model_for_kbit_training_and_conv1d_warning(caplog):
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=96))
     with pytest.warns(UserWarning, match="Conv1D"):
         swap.quantize_model(gpt2)
+
+
+def _bnb_model(family: str, nested: bool):
+    """The tiny model with every linear but lm_head a bitsandbytes Linear4bit (NF4, blocks of 64) that
+    bitsandbytes quantizes itself."""
+    bnb = pytest.importorskip("bitsandbytes")
+    model = _tiny(family)
+    for name, mod in list(model.named_modules()):
+        if type(mod) is nn.Linear and name != "lm_head":
+            new = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                                    compute_dtype=torch.float32, compress_statistics=nested, quant_type="nf4")
+            new.weight = bnb.nn.Params4bit(mod.weight.data, requires_grad=False, quant_type="nf4",
+                                           compress_statistics=nested, blocksize=64)
+            new.bias = mod.bias
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new.to("cpu"))
+    model.is_loaded_in_4bit = True
+    return model
+
+
+def _linear4bit(pm):
+    import bitsandbytes as bnb
+    return [m for m in pm.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def test_cpu_packed_layout_is_read_back_exactly():
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+    layer = _linear4bit(_bnb_model("llama", nested=False))[0]
+    plain = layer.weight.data.clone().view(-1)
+    absmax = layer.weight.quant_state.absmax.clone()
+    layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(layer.weight.data,
+                                                                                layer.weight.quant_state)
+    assert layer.weight.quant_state.packing_format_for_cpu
+    w = fused_peft._nf4_of(layer)
+    assert torch.equal(w.packed, plain)  # bitsandbytes' own bytes before it repacked them
+    assert torch.equal(w.absmax, absmax.to(torch.bfloat16).float())  # what its CPU kernel reads
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_trigger_sequence_over_bitsandbytes(nested):
+    """Eval + no-grad stock forward on an AVX512-BF16 CPU (forced here) repacks every weight in place;
+    then accelerate and a training step. The oracle: stock PEFT on a copy that bitsandbytes unpacks again
+    (exactly, without double quantization; with it, bitsandbytes re-quantizes the bf16 absmax)."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    pm = _peft(_bnb_model("qwen2", nested))
+    ids = _ids()
+    for layer in _linear4bit(pm):
+        layer.support_avx512bf16_for_cpu = True
+    pm.eval()
+    with torch.no_grad():
+        pm(input_ids=ids)
+    assert all(layer.weight.quant_state.packing_format_for_cpu for layer in _linear4bit(pm))
+    oracle = copy.deepcopy(pm)
+    for layer in _linear4bit(oracle):
+        layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+            layer.weight.data, layer.weight.quant_state)
+        qs = layer.weight.quant_state
+        if not nested:  # bitsandbytes 0.50's inverse leaves this absmax in its CPU form: bf16 [K/64, N]
+            qs.absmax = qs.absmax.T.reshape(-1).float()
+        layer.support_avx512bf16_for_cpu = False
+    swap.accelerate(pm)
+    assert pm.forge_rt_summary["skipped"] == {}
+    pm.train()
+    oracle.train()
+    (logits, grads), (want, want_grads) = _step(pm, ids), _step(oracle, ids)
+    tol = 2e-2 if nested else TOL
+    assert rel_err(logits, want) < tol
+    assert all(rel_err(grads[n], want_grads[n]) < 10 * tol for n in want_grads)
