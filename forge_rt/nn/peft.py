@@ -40,7 +40,7 @@ def _nf4_of(base: nn.Module) -> nf4.NF4Weight | str:
     are checked on every call: bitsandbytes rewrites a weight in place (e.g. into its CPU layout in an
     eval-mode, no-grad forward on AVX512-BF16 CPUs), and such bytes must never be read as plain NF4."""
     if isinstance(base, NF4Linear):
-        return base.nf4
+        return base.nf4 if base.weight.dense is None else "NF4 weight made dense by an in-place write (OLoRA)"
     qs = base.weight.quant_state
     cpu_packed = bool(getattr(qs, "packing_format_for_cpu", False))
     key = (base.weight.data_ptr(), id(qs), cpu_packed, qs.absmax.data_ptr())

@@ -247,3 +247,52 @@ def test_trigger_sequence_over_bitsandbytes(nested):
     tol = 2e-2 if nested else TOL
     assert rel_err(logits, want) < tol
     assert all(rel_err(grads[n], want_grads[n]) < 10 * tol for n in want_grads)
+
+
+def _dense_twin(model):
+    """A copy of a quantize_model model with each NF4Linear replaced by an nn.Linear holding its dequantized
+    weight: what stock PEFT over full-precision layers computes, the oracle for merge / DoRA / OLoRA."""
+    from forge_rt import nf4
+    twin = copy.deepcopy(model)
+    for name, mod in list(twin.named_modules()):
+        if isinstance(mod, swap.NF4Linear):
+            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+            with torch.no_grad():
+                lin.weight.copy_(nf4.dequantize(mod.nf4, torch.float32))
+                if mod.bias is not None:
+                    lin.bias.copy_(mod.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(twin.get_submodule(parent), child, lin)
+    return twin
+
+
+def test_merge_adapter_and_merge_and_unload_over_nf4():
+    stock, fused, n = _pair("phi3")
+    ids = _ids()
+    with torch.no_grad():
+        want = stock(input_ids=ids).logits
+        fused.merge_adapter()
+        assert rel_err(fused(input_ids=ids).logits, want) < 1e-5
+        assert fused_peft.stock_calls["merged adapter"] >= n
+        fused.unmerge_adapter()
+        assert rel_err(fused(input_ids=ids).logits, want) < 1e-5
+        merged = stock.merge_and_unload()
+        assert not any(isinstance(m, peft.tuners.lora.LoraLayer) for m in merged.modules())
+        assert all(m.weight.dense is not None for m in merged.modules() if isinstance(m, swap.NF4Linear))
+        assert rel_err(merged(input_ids=ids).logits, want) < 1e-4
+
+
+@pytest.mark.parametrize("kw", [{"use_dora": True}, {"init_lora_weights": "olora"}], ids=["dora", "olora"])
+def test_dora_and_olora_over_nf4_match_peft_over_dequantized_layers(kw):
+    model = swap.quantize_model(_tiny("llama"))
+    twin = _dense_twin(model)
+    torch.manual_seed(3)
+    pm = _peft(model, **kw)
+    torch.manual_seed(3)
+    want = _peft(twin, **kw)
+    swap.accelerate(pm)
+    reason = "DoRA" if "use_dora" in kw else "NF4 weight made dense by an in-place write (OLoRA)"
+    before = fused_peft.stock_calls[reason]
+    ids = _ids()
+    _assert_same(_step(pm, ids), _step(want, ids))
+    assert pm.forge_rt_summary["skipped"].get("DoRA") or fused_peft.stock_calls[reason] > before

@@ -133,8 +133,9 @@ def test_nf4linear_matches_dequantized_linear_and_moves():
     want = torch.nn.functional.linear(x, nf4.dequantize(q.nf4), lin.bias)
     assert torch.allclose(q(x), want, rtol=1e-5, atol=1e-5)
     q = q.to(torch.float64)  # dtype casts leave the packed bytes and fp32 absmax alone
-    assert q.weight.dtype == torch.uint8 and q.nf4.absmax_fp32().dtype == torch.float32
-    assert q.nf4.packed.data_ptr() == q.weight.data_ptr()
+    assert q.weight.dtype == torch.float64 and q.weight.shape == (40, 96)  # the logical weight
+    assert q.nf4.packed.dtype == torch.uint8 and q.nf4.absmax_fp32().dtype == torch.float32
+    assert q.nf4.packed.data_ptr() == q.weight.packed.data_ptr()
     with pytest.raises(ValueError, match="2-D"):
         swap.NF4Linear(nf4.quantize(torch.randn(64)))
 
