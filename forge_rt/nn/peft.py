@@ -173,7 +173,9 @@ def accelerate(model: nn.Module, enable: bool = True, chunked_loss: bool = False
 
     enable=False restores PEFT's stock forward everywhere. Layers that can't be fused (other adapter
     types, DoRA and other LoRA variants, several active adapters, merged) keep the stock path and are
-    counted. The summary dict is logged and attached as `model.forge_rt_summary`. chunked_loss=True
+    counted. The summary dict is logged and attached as `model.forge_rt_summary`. Fused layers re-check
+    each call (disabled or merged adapters, hooks, a bitsandbytes layout that isn't plain NF4) and count the
+    calls that take the stock path in `forge_rt.nn.peft.stock_calls`. chunked_loss=True
     (opt-in: `logits` is then None whenever labels are given) also patches the causal LM so its loss
     runs the LM head only where labels are, a chunk at a time (forge_rt.nn.lm_loss)."""
     from peft.tuners.tuners_utils import BaseTunerLayer

@@ -296,3 +296,29 @@ def test_dora_and_olora_over_nf4_match_peft_over_dequantized_layers(kw):
     ids = _ids()
     _assert_same(_step(pm, ids), _step(want, ids))
     assert pm.forge_rt_summary["skipped"].get("DoRA") or fused_peft.stock_calls[reason] > before
+
+
+def test_torch_compile_accelerated_decoder_layer_is_one_graph():
+    _, fused, _ = _pair("llama")
+    fused.train()
+    layer = fused.base_model.model.model.layers[0]
+    hidden = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(4))
+    pos = torch.arange(8)[None].expand(2, 8)
+    pe = fused.base_model.model.model.rotary_emb(hidden, pos)
+    kw = dict(position_embeddings=pe, attention_mask=None, position_ids=pos)
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(layer)(hidden, **kw)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1
+
+    def run(fn):
+        h = hidden.clone().requires_grad_(True)
+        fused.zero_grad()
+        out = fn(h, **kw)
+        out = out[0] if isinstance(out, tuple) else out
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}, h.grad
+
+    want = run(layer)
+    got = run(torch.compile(layer, fullgraph=True, backend="aot_eager"))  # AOTAutograd: fake impls + autograd
+    _assert_same(got[:2], want[:2])
+    assert rel_err(got[2], want[2]) < TOL
