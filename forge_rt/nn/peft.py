@@ -49,7 +49,8 @@ def _nf4_of(base: nn.Module) -> nf4.NF4Weight | str:
         try:
             w = _from_cpu_packed(base.weight.data, qs) if cpu_packed else nf4.NF4Weight.from_bnb(base.weight, qs)
         except nf4.NF4Error as e:
-            w = f"bitsandbytes layout not readable as NF4 ({e})"
+            log.info("forge_rt.accelerate: %s", e)
+            w = "bitsandbytes layout not readable as NF4"
         cached = (key, w)
         _bnb_views[base] = cached
     return cached[1]

@@ -150,9 +150,10 @@ def test_hooks_take_the_stock_path_and_run():
         q = pm.base_model.model.model.layers[0].self_attn.q_proj
         q.base_layer.register_forward_hook(double)
         q.lora_A["default"].register_forward_pre_hook(lambda m, a: None)
+        pm.base_model.model.model.layers[0].self_attn.k_proj.lora_B["default"]._hf_hook = None  # accelerate's
     before = fused_peft.stock_calls["module hooks"]
     _assert_same(_step(fused, ids), _step(stock, ids))
-    assert fused_peft.stock_calls["module hooks"] == before + 1  # q_proj only; the rest stay fused
+    assert fused_peft.stock_calls["module hooks"] == before + 2  # q_proj and k_proj; the rest stay fused
 
 
 def test_hf_trainer_matches_stock_peft(tmp_path):
@@ -215,6 +216,17 @@ def test_cpu_packed_layout_is_read_back_exactly():
     w = fused_peft._nf4_of(layer)
     assert torch.equal(w.packed, plain)  # bitsandbytes' own bytes before it repacked them
     assert torch.equal(w.absmax, absmax.to(torch.bfloat16).float())  # what its CPU kernel reads
+
+
+def test_unreadable_bitsandbytes_layout_takes_the_stock_path():
+    pm = _peft(_bnb_model("llama", nested=False))
+    swap.accelerate(pm)
+    layer = _linear4bit(pm)[0]
+    layer.weight.quant_state.shape = torch.Size((7, 3))  # a state whose sizes don't match the bytes
+    before = fused_peft.stock_calls["bitsandbytes layout not readable as NF4"]
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # nor can bitsandbytes
+        pm(input_ids=_ids())
+    assert fused_peft.stock_calls["bitsandbytes layout not readable as NF4"] == before + 1
 
 
 @pytest.mark.parametrize("nested", [False, True])
