@@ -136,6 +136,8 @@ def test_nf4linear_matches_dequantized_linear_and_moves():
     assert q.weight.dtype == torch.float64 and q.weight.shape == (40, 96)  # the logical weight
     assert q.nf4.packed.dtype == torch.uint8 and q.nf4.absmax_fp32().dtype == torch.float32
     assert q.nf4.packed.data_ptr() == q.weight.packed.data_ptr()
+    moved = copy.deepcopy(q).to("meta")  # a device move takes the bytes along
+    assert moved.weight.device.type == moved.nf4.packed.device.type == moved.nf4.absmax.device.type == "meta"
     with pytest.raises(ValueError, match="2-D"):
         swap.NF4Linear(nf4.quantize(torch.randn(64)))
 
