@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from forge_rt import ops
+from forge_rt.nn._swap import stock_class, swapped_class
 
 # config fields by which an architecture rescales its logits after the head (Cohere, Granite, Falcon-H1):
 # the fused loss doesn't reproduce them, so such models are refused rather than given a wrong loss
@@ -53,8 +54,8 @@ def patch_causal_lm_loss(model: nn.Module, enable: bool = True) -> nn.Module:
     that only overrides forward (isinstance and class name unchanged, nothing stored on the instance), and
     survives copy.deepcopy, pickling and torch.save / torch.load(weights_only=False)."""
     hf = _causal_lm(model)
-    stock = _stock_class(type(hf))
-    hf.__class__ = _patched_class(stock) if enable else stock
+    stock = stock_class(type(hf))
+    hf.__class__ = swapped_class(stock, _loss_members) if enable else stock
     return model
 
 
@@ -119,17 +120,8 @@ def _fused_forward(hf, labels=None, return_dict=None, logits_to_keep=None, **kwa
     return loss, out
 
 
-_PATCHED: dict[type, type] = {}  # stock class -> its patched subclass
-
-
-def _stock_class(cls: type) -> type:
-    return getattr(cls, "_forge_rt_stock_class", cls)
-
-
-def _patched_class(stock: type) -> type:
-    """The subclass of `stock` whose forward takes the fused path when labels are given (one per class)."""
-    if stock in _PATCHED:
-        return _PATCHED[stock]
+def _loss_members(stock: type) -> dict:
+    """The members of `stock`'s swapped class: a forward that takes the fused path when labels are given."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     signature = inspect.signature(stock.forward)
@@ -149,18 +141,4 @@ def _patched_class(stock: type) -> type:
                                         **{k: v for k, v in out.items() if k in fields and k != "logits"})
         return result.to_tuple() if return_dict is False else result
 
-    def __reduce_ex__(self, protocol):
-        # rebuilt through _new_patched: the subclass is made at run time, so pickle can't name it
-        return (_new_patched, (stock,), *super(patched, self).__reduce_ex__(protocol)[2:])
-
-    patched = type(stock.__name__, (stock,), {
-        "forward": forward, "__reduce_ex__": __reduce_ex__, "_forge_rt_stock_class": stock,
-        "__module__": stock.__module__, "__qualname__": stock.__qualname__})
-    _PATCHED[stock] = patched
-    return patched
-
-
-def _new_patched(stock: type):
-    """An empty instance of the patched `stock` class, for unpickling / deepcopy to fill in."""
-    cls = _patched_class(stock)
-    return cls.__new__(cls)
+    return {"forward": forward}

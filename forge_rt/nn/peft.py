@@ -1,11 +1,12 @@
 """Patching other people's PEFT models: `accelerate` routes the forward of each LoRA layer over a 4-bit
 base (bitsandbytes Linear4bit or forge_rt's NF4Linear) through `forge_rt.ops.qlora_linear`, in place and
-reversibly: only the layer's `forward` attribute changes, so parameter names and saved adapters stay
-the same."""
+reversibly: only the layer's class changes (a run-time subclass, forge_rt.nn._swap), so parameter names
+and saved adapters stay the same and the model still pickles and deep-copies. A fused layer re-checks on
+every call what could have changed since (adapter setup, hooks, the bitsandbytes weight layout) and takes
+PEFT's stock forward when it must, counting why in `stock_calls`."""
 from __future__ import annotations
 
 import logging
-import types
 import weakref
 from collections import Counter
 
@@ -13,12 +14,15 @@ import torch
 from torch import nn
 
 from forge_rt import nf4
+from forge_rt.nn._swap import is_swapped, stock_class, swapped_class
 from forge_rt.nn.nf4_linear import NF4Linear
 from forge_rt.ops import qlora_linear
 
 log = logging.getLogger("forge_rt")
 
-_bnb_views: "weakref.WeakKeyDictionary[nn.Module, tuple[int, nf4.NF4Weight]]" = weakref.WeakKeyDictionary()
+_bnb_views: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nf4.NF4Weight | str]]" = weakref.WeakKeyDictionary()
+# Calls of fused layers that took the stock path at run time, by reason (the static ones are in the summary).
+stock_calls: Counter = Counter()
 
 
 def _bnb_linear4bit():
@@ -29,16 +33,47 @@ def _bnb_linear4bit():
         return None
 
 
-def _nf4_of(base: nn.Module) -> nf4.NF4Weight:
-    """The NF4Weight of a 4-bit base layer (bitsandbytes layers are viewed without copying, cached)."""
+def _nf4_of(base: nn.Module) -> nf4.NF4Weight | str:
+    """The NF4Weight of a 4-bit base layer, or why its current layout can't be read as NF4.
+
+    bitsandbytes layers are viewed without copying and cached by their data pointer and quant state, which
+    are checked on every call: bitsandbytes rewrites a weight in place (e.g. into its CPU layout in an
+    eval-mode, no-grad forward on AVX512-BF16 CPUs), and such bytes must never be read as plain NF4."""
     if isinstance(base, NF4Linear):
-        return base.nf4
-    ptr = base.weight.data_ptr()
+        return base.nf4 if base.weight.dense is None else "NF4 weight made dense by an in-place write (OLoRA)"
+    qs = base.weight.quant_state
+    cpu_packed = bool(getattr(qs, "packing_format_for_cpu", False))
+    key = (base.weight.data_ptr(), id(qs), cpu_packed, qs.absmax.data_ptr())
     cached = _bnb_views.get(base)
-    if cached is None or cached[0] != ptr:
-        cached = (ptr, nf4.NF4Weight.from_bnb(base.weight, base.weight.quant_state))
+    if cached is None or cached[0] != key:
+        try:
+            w = _from_cpu_packed(base.weight.data, qs) if cpu_packed else nf4.NF4Weight.from_bnb(base.weight, qs)
+        except nf4.NF4Error as e:
+            log.info("forge_rt.accelerate: %s", e)
+            w = "bitsandbytes layout not readable as NF4"
+        cached = (key, w)
         _bnb_views[base] = cached
     return cached[1]
+
+
+def _from_cpu_packed(data: torch.Tensor, qs) -> nf4.NF4Weight:
+    """A plain-NF4 copy of a weight bitsandbytes repacked for its CPU kernel (packing_format_for_cpu).
+
+    That layout (bitsandbytes.functional._convert_weight_packed_for_cpu, block_n 32) holds, for each block
+    of 32 rows and each pair of columns, 32 bytes: element 2*b+j of the 64 codes (row b, column j of the pair)
+    in the low nibble of byte i = 2*b+j for b < 16, in the high nibble of byte i - 32 for b >= 16. Its absmax
+    is bf16 [K / blocksize, N] (double quantization resolved, then rounded to bf16); this copy uses those
+    values, as bitsandbytes' kernel does."""
+    N, K = (int(d) for d in qs.shape)
+    if len(qs.shape) != 2 or N % 32 or K % 2 or K % qs.blocksize or data.numel() != N * K // 2:
+        raise nf4.NF4Error(f"unexpected CPU-packed weight {tuple(data.shape)} for shape {tuple(qs.shape)}")
+    groups = data.view(torch.uint8).reshape(N // 32, K // 2, 32)
+    codes = torch.cat([groups & 0xF, groups >> 4], dim=-1)  # [N/32, K/2, 64]: 32 rows x 2 columns
+    codes = codes.view(N // 32, K // 2, 32, 2).permute(0, 2, 1, 3).reshape(-1, 2)  # row-major pairs
+    packed = (codes[:, 0] << 4) | codes[:, 1]  # bitsandbytes' plain layout: first element high
+    absmax = qs.absmax.T.reshape(-1).float()
+    dtype = getattr(qs, "original_dtype", torch.float32)
+    return nf4.NF4Weight(packed.contiguous(), absmax, torch.Size((N, K)), dtype, qs.blocksize, qs.quant_type)
 
 
 def _static_reason(layer: nn.Module) -> str | None:
@@ -75,21 +110,63 @@ def _adapter_reason(layer: nn.Module) -> str | None:
     return None
 
 
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or hasattr(module, "_hf_hook"))
+
+
+def _call_reason(layer: nn.Module, args, kwargs) -> str | None:
+    """Why this call of a fused layer must take the stock path (None if it can be fused). The adapter setup
+    can change between calls (disable_adapter(), set_adapter, merge), and hooks can be added: re-checked."""
+    if args or kwargs.get("adapter_names") is not None:
+        return "extra forward arguments (adapter_names)"
+    if layer.disable_adapters:
+        return "adapters disabled"
+    reason = _adapter_reason(layer)
+    if reason:
+        return reason
+    name = next(a for a in layer.active_adapters if a in layer.lora_A)
+    # The fused op reads these modules' weights directly, so their hooks (user hooks, accelerate's offload
+    # hooks that load weights) would never run: only the stock forward calls them.
+    subs = (layer.get_base_layer(), layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name])
+    if any(_hooked(m) for m in subs) or _global_hooks():
+        return "module hooks"
+    return None
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as m
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+                or m._global_backward_pre_hooks)
+
+
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    # The adapter setup can change between calls (disable_adapter(), set_adapter, merge): re-check.
-    if args or kwargs.get("adapter_names") is not None or self.disable_adapters or _adapter_reason(self):
-        return type(self).forward(self, x, *args, **kwargs)
-    name = next(a for a in self.active_adapters if a in self.lora_A)
+    stock = type(self)._forge_rt_stock_class
+    reason = _call_reason(self, args, kwargs)
     base = self.get_base_layer()
+    w = None if reason else _nf4_of(base)
+    if isinstance(w, str):
+        reason = w
+    if reason:
+        if not stock_calls[reason]:
+            log.info("forge_rt.accelerate: a fused layer takes the stock path: %s", reason)
+        stock_calls[reason] += 1
+        return stock.forward(self, x, *args, **kwargs)
+    name = next(a for a in self.active_adapters if a in self.lora_A)
     drop = self.lora_dropout[name]
     p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-    return qlora_linear(x, _nf4_of(base), self.lora_A[name].weight, self.lora_B[name].weight,
-                        self.scaling[name], base.bias, dropout=p)
+    return qlora_linear(x, w, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], base.bias,
+                        dropout=p)
 
 
-def _is_fused(module: nn.Module) -> bool:
-    fwd = module.__dict__.get("forward")
-    return isinstance(fwd, types.MethodType) and fwd.__func__ is _fused_forward
+def _fused_members(stock: type) -> dict:
+    """The members of a fused LoRA layer's swapped class (forge_rt.nn._swap)."""
+    return {"forward": _fused_forward}
+
+
+def is_fused(module: nn.Module) -> bool:
+    """Whether `accelerate` routed this LoRA layer through the fused op."""
+    return is_swapped(module, _fused_members)
 
 
 def accelerate(model: nn.Module, enable: bool = True, chunked_loss: bool = False) -> nn.Module:
@@ -97,7 +174,9 @@ def accelerate(model: nn.Module, enable: bool = True, chunked_loss: bool = False
 
     enable=False restores PEFT's stock forward everywhere. Layers that can't be fused (other adapter
     types, DoRA and other LoRA variants, several active adapters, merged) keep the stock path and are
-    counted. The summary dict is logged and attached as `model.forge_rt_summary`. chunked_loss=True
+    counted. The summary dict is logged and attached as `model.forge_rt_summary`. Fused layers re-check
+    each call (disabled or merged adapters, hooks, a bitsandbytes layout that isn't plain NF4) and count the
+    calls that take the stock path in `forge_rt.nn.peft.stock_calls`. chunked_loss=True
     (opt-in: `logits` is then None whenever labels are given) also patches the causal LM so its loss
     runs the LM head only where labels are, a chunk at a time (forge_rt.nn.lm_loss)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -106,18 +185,12 @@ def accelerate(model: nn.Module, enable: bool = True, chunked_loss: bool = False
     for module in model.modules():
         if not isinstance(module, BaseTunerLayer):
             continue
-        if not enable:
-            if _is_fused(module):
-                del module.forward
-            continue
-        reason = _static_reason(module) or _adapter_reason(module)
+        reason = (_static_reason(module) or _adapter_reason(module)) if enable else "disabled"
+        stock = stock_class(type(module))
+        module.__class__ = stock if reason else swapped_class(stock, _fused_members)
         if reason is None:
-            if not _is_fused(module):
-                module.forward = types.MethodType(_fused_forward, module)
             accelerated += 1
-        else:
-            if _is_fused(module):
-                del module.forward
+        elif enable:
             skipped[reason] += 1
     if chunked_loss or not enable:
         from forge_rt.nn.lm_loss import patch_causal_lm_loss

@@ -229,3 +229,19 @@ def test_bad_input_gets_a_clear_error():
         nf4.NF4Weight(w.packed, w.absmax, w.shape, w.dtype, w.blocksize, "int8")
     with pytest.raises(ValueError, match="packed has 10 bytes, needs 64"):
         nf4.NF4Weight(w.packed[:10], w.absmax_fp32(), w.shape, w.dtype, w.blocksize)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_qlora_custom_ops_pass_opcheck(lora):
+    torch.manual_seed(0)
+    w = nf4.quantize(torch.randn(48, 64))
+    x = torch.randn(2, 3, 64, requires_grad=True)
+    A = torch.randn(4, 64, requires_grad=True) if lora else None
+    B = torch.randn(48, 4, requires_grad=True) if lora else None
+    backend_name = ops._qlora_backend(x.device)
+    torch.library.opcheck(torch.ops.forge_rt.qlora_linear.default,
+                          (x, *ops._w_parts(w), A, B, None, 0.5, 0.0, -1, backend_name))
+    g = torch.randn(6, 48)
+    gb, A = (g @ B.detach(), A.detach()) if lora else (None, None)  # a backward helper: not differentiable
+    torch.library.opcheck(torch.ops.forge_rt.qlora_backward_input.default,
+                          (g, *ops._w_parts(w), gb, A, 0.5, backend_name))

@@ -91,7 +91,7 @@ def test_disable_restores_stock_forward_and_saved_adapter(small_lm, tmp_path):
     pm.save_pretrained(tmp_path / "fused")
 
     swap.accelerate(pm, enable=False)
-    assert not any("forward" in m.__dict__ for m in pm.modules())
+    assert not any(fused_peft.is_fused(m) for m in pm.modules())
     assert pm.forge_rt_summary["enabled"] is False
     with torch.no_grad():
         assert torch.equal(pm(input_ids=ids).logits, stock)
@@ -133,8 +133,11 @@ def test_nf4linear_matches_dequantized_linear_and_moves():
     want = torch.nn.functional.linear(x, nf4.dequantize(q.nf4), lin.bias)
     assert torch.allclose(q(x), want, rtol=1e-5, atol=1e-5)
     q = q.to(torch.float64)  # dtype casts leave the packed bytes and fp32 absmax alone
-    assert q.weight.dtype == torch.uint8 and q.nf4.absmax_fp32().dtype == torch.float32
-    assert q.nf4.packed.data_ptr() == q.weight.data_ptr()
+    assert q.weight.dtype == torch.float64 and q.weight.shape == (40, 96)  # the logical weight
+    assert q.nf4.packed.dtype == torch.uint8 and q.nf4.absmax_fp32().dtype == torch.float32
+    assert q.nf4.packed.data_ptr() == q.weight.packed.data_ptr()
+    moved = copy.deepcopy(q).to("meta")  # a device move takes the bytes along
+    assert moved.weight.device.type == moved.nf4.packed.device.type == moved.nf4.absmax.device.type == "meta"
     with pytest.raises(ValueError, match="2-D"):
         swap.NF4Linear(nf4.quantize(torch.randn(64)))
 
