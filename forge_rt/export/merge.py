@@ -32,8 +32,9 @@ def _is_4bit(layer: nn.Module) -> bool:
 
 def _base_weight(base: nn.Module) -> torch.Tensor:
     """The base layer's weight as fp32 (out, in)."""
-    if isinstance(base, NF4Linear):
-        return dequantize(base.nf4, torch.float32)
+    if isinstance(base, NF4Linear):  # after a PEFT merge the weight holds dense values its NF4 bytes don't describe
+        dense = base.weight.dense
+        return dense.float() if dense is not None else dequantize(base.nf4, torch.float32)
     if _is_4bit(base):  # bitsandbytes: decoded by forge_rt (bnb's own CPU dequant is wrong on short rows)
         return dequantize(NF4Weight.from_bnb(base.weight, base.weight.quant_state), torch.float32)
     if type(base) is not nn.Linear:
