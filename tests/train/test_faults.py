@@ -109,7 +109,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_an_adapter(tiny, tmp_
     shutil.copytree(model_dir, broken)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:4096])
-    _fails(tiny_args(broken, data, run, "--overwrite"), capsys, str(broken), "truncated or corrupt", "untouched")
+    _fails(tiny_args(broken, data, run, "--overwrite"), capsys, str(broken), "is truncated", "untouched")
     assert (run / "keep.txt").read_text() == "precious" and sorted(p.name for p in tmp_path.iterdir()) == [
         "bad.jsonl", "broken_model", "run"]
     assert train.main(tiny_args(model_dir, data, run, "--overwrite", "--max-steps", "2")) == 0
@@ -257,7 +257,7 @@ def test_missing_layer_and_non_causal_model_refused_before_training(tiny, tmp_pa
     weights = load_file(partial / "model.safetensors")
     save_file({k: v for k, v in weights.items() if ".layers.1." not in k}, partial / "model.safetensors",
               metadata={"format": "pt"})
-    _fails(tiny_args(partial, data, tmp_path / "run"), capsys, "missing 9 tensor(s)",
+    _fails(tiny_args(partial, data, tmp_path / "run"), capsys, "does not hold 9 tensor(s)",
            "model.layers.1.input_layernorm.weight", "incomplete")
     from transformers import BertConfig, BertForMaskedLM
     bert = tmp_path / "bert"
