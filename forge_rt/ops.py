@@ -26,8 +26,9 @@ def dropout_mask(shape, p: float, seed: int, device) -> torch.Tensor:
     return torch.rand(shape, generator=gen, device=device) >= p
 
 
-def _dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    return x * dropout_mask(x.shape, p, seed, x.device) / (1.0 - p)
+def _dropout(x: torch.Tensor, p: float, seed: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    mask = dropout_mask(x.shape, p, seed, x.device) if mask is None else mask
+    return x * mask / (1.0 - p)
 
 
 def _check(x, w, lora_A, lora_B, bias, dropout) -> None:
@@ -70,7 +71,9 @@ _W_FIELDS = ("packed", "absmax", "nested_absmax", "nested_code", "shape", "dtype
 
 
 def _w_parts(w: NF4Weight) -> tuple:
-    return tuple(list(w.shape) if f == "shape" else getattr(w, f) for f in _W_FIELDS)
+    """The weight's fields with double quantization already resolved: `absmax_fp32()` is cached on `w` (the
+    layer's weight), while the NF4Weight rebuilt inside the op lives for one call only."""
+    return (w.packed, w.absmax_fp32(), None, None, list(w.shape), w.dtype, w.blocksize, w.quant_type, None)
 
 
 def _weight(packed, absmax, nested_absmax, nested_code, shape, dtype, blocksize, quant_type, offset) -> NF4Weight:
@@ -138,14 +141,19 @@ def _backward(ctx, gy, _gxa):
     g2 = gy.reshape(-1, gy.shape[-1]).contiguous()
     gb = g2.to(lora_B.dtype) @ lora_B if lora_B is not None else None
     grad_x = grad_A = grad_B = grad_bias = None
+    # The mask is regenerated once for both of its uses below: drawing it is a large share of a CPU step.
+    mask = None
+    fuse = gb is not None and seed < 0  # LoRA grad fused into the kernel's epilogue
+    uses_mask = (ctx.needs_input_grad[0] and gb is not None and not fuse) or ctx.needs_input_grad[ctx.i_A]
+    if seed >= 0 and lora_A is not None and uses_mask:
+        mask = dropout_mask((g2.shape[0], lora_A.shape[1]), p, seed, g2.device)
     if ctx.needs_input_grad[0]:
-        fuse = gb is not None and seed < 0  # LoRA grad fused into the kernel's epilogue
         gx = _backward_input_op(g2, *ctx.w, gb if fuse else None, lora_A if fuse else None, s, ctx.backend)
         if gb is not None and not fuse:  # dropout sits between x and A: the LoRA grad goes through the mask
-            gx = gx + _dropout((s * gb) @ lora_A, p, seed).to(gx.dtype)
+            gx = gx + _dropout((s * gb) @ lora_A, p, seed, mask).to(gx.dtype)
         grad_x = gx.reshape(ctx.x_shape)
     if ctx.needs_input_grad[ctx.i_A] and lora_A is not None:
-        xd = _dropout(x2, p, seed) if seed >= 0 else x2
+        xd = _dropout(x2, p, seed, mask) if seed >= 0 else x2
         grad_A = ((s * gb).T @ xd.to(gb.dtype)).to(lora_A.dtype)
     if ctx.needs_input_grad[ctx.i_B] and lora_B is not None:
         grad_B = (s * (g2.to(xa.dtype).T @ xa)).to(lora_B.dtype)
@@ -222,7 +230,7 @@ def _check_linear_ce(hidden, weight, labels, bias, ignore_index, reduction, soft
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, bias, ignore_index, reduction, softcap, chunk_tokens, kernels):
+    def forward(ctx, hidden, weight, labels, bias, ignore_index, reduction, softcap, chunk_tokens, kernels, grad_mode):
         h2 = hidden.reshape(-1, hidden.shape[-1])
         keep = (labels.reshape(-1) != ignore_index).nonzero().squeeze(1)  # rows that reach the LM head
         targets = labels.reshape(-1).index_select(0, keep).long()
@@ -233,7 +241,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                              f"ignore_index ({ignore_index})")
         # mean over zero targets is 0/0 = nan, as in torch's cross_entropy (whose grads are then 0)
         scale = 1.0 / n if reduction == "mean" and n else 1.0
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3])
+        # needs_input_grad follows requires_grad, not the caller's grad mode (forward itself always runs without
+        # grad): under the caller's no_grad no gradient is computed at all
+        grad = grad_mode
+        needs = (grad and ctx.needs_input_grad[0], grad and ctx.needs_input_grad[1],
+                 grad and bias is not None and ctx.needs_input_grad[3])
         total, gh, gw, gb = kernels.loss_and_grads(h2.index_select(0, keep), weight, targets, bias, softcap=softcap,
                                                    grad_scale=scale, needs=needs, chunk_tokens=chunk_tokens)
         ctx.h_shape, ctx.h_dtype = hidden.shape, hidden.dtype
@@ -251,7 +263,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_h.index_copy_(0, keep, gh * go)
             grad_h = grad_h.reshape(ctx.h_shape)
         scaled = lambda g: None if g is None else g * go  # noqa: E731
-        return grad_h, scaled(gw), None, scaled(gb), None, None, None, None, None
+        return grad_h, scaled(gw), None, scaled(gb), None, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -282,4 +294,5 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     kernels = importlib.import_module(f"forge_rt.kernels.{_LINEAR_CE_MODULES[name]}")
     return _LinearCrossEntropy.apply(hidden, weight, labels, bias, int(ignore_index), reduction,
                                      None if softcap is None else float(softcap),
-                                     None if chunk_tokens is None else int(chunk_tokens), kernels)
+                                     None if chunk_tokens is None else int(chunk_tokens), kernels,
+                                     torch.is_grad_enabled())

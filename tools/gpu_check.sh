@@ -69,7 +69,7 @@ if timeout 300 "$py" -m pytest -p no:cacheprovider -q -m gpu tests/gpu --junitxm
     >"$out/gpu-tests.log" 2>&1; then say "GPU tests: $(tail -1 "$out/gpu-tests.log")"
 else say "GPU tests: FAILED: $(tail -1 "$out/gpu-tests.log") (gpu-tests.log)"; fail=1
 fi
-if timeout 150 $bench >"$out/bench.log" 2>&1; then say "bench: $(tail -1 "$out/bench.log")"
+if timeout 180 $bench >"$out/bench.log" 2>&1; then say "bench: $(tail -1 "$out/bench.log")"
 else say "bench: FAILED or timed out (bench.log)"; fail=1
 fi
 say "done: $([ $fail = 0 ] && echo OK || echo FAILED), everything in $out"

@@ -5,5 +5,5 @@ from forge_rt.sovereign import seal  # noqa: F401
 from forge_rt.train.config import TrainConfig  # noqa: F401
 from forge_rt.train.data import DataError, demo_paths, load_examples  # noqa: F401
 from forge_rt.train.evaluate import score_predictions  # noqa: F401
-from forge_rt.train.model import ModelLoadError, check_model_path, default_gguf_path, load_model  # noqa: F401
+from forge_rt.train.model import ModelLoadError, check_model_path, default_gguf_path, load_model, run_identity  # noqa: F401
 from forge_rt.train.run import offline_guard  # noqa: F401

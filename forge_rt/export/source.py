@@ -17,6 +17,7 @@ from ._forge import (
     default_gguf_path,
     load_model,
     quantize_model,
+    run_identity,
     seal,
 )
 
@@ -116,7 +117,9 @@ def load(src: Source, passphrase_file=None):
         base = quantize_model(base)
     try:
         if src.sealed:
-            model = seal.load_peft(base, src.adapter, phrase)
+            # a sealed adapter from a run directory must be that run's own (the identity recorded at sealing)
+            binding = run_identity(src.run) if src.run is not None else None
+            model = seal.load_peft(base, src.adapter, phrase, binding=binding)
         else:
             model = PeftModel.from_pretrained(base, src.adapter)
     except seal.SealError as exc:

@@ -21,6 +21,7 @@ def build_metrics(cfg, train: dict, base: dict | None, tuned: dict | None, *, da
         "step_time_mean_s": (sum(steps) / len(steps)) if steps else None,
         "tokens_per_s_mean": train["tokens_per_s_mean"],
         "peak_rss_bytes_train": train["peak_rss_bytes"],
+        "pre_step_rss_bytes": train.get("pre_step_rss_bytes"),
         "fused": not cfg.no_fused,
         "paging": None if cfg.no_paging else paging,
         "fused_summary": dict(fused_summary) if fused_summary else None,
@@ -111,7 +112,7 @@ def render_markdown(m: dict, plots: list[str]) -> str:
         lines.append(f"- paging: {_fmt((p.get('bytes_raw') or 0) / 2**30)} GiB of saved activations paged, "
                      f"{_fmt(p.get('ratio'))}x compression, {_fmt((p.get('bytes_spilled') or 0) / 2**20)} MiB spilled to disk "
                      f"({p.get('codec', '')})")
-    lines += _memory_plan_lines(m.get("memory_plan"))
+    lines += _memory_plan_lines(m.get("memory_plan"), m.get("pre_step_rss_bytes"))
     for e in m.get("exports") or []:
         lines.append(f"- export `{e.get('kind')}`: `{e.get('output')}` ({(e.get('bytes') or 0) / 2**20:.1f} MiB); "
                      f"score it where it runs: python -m forge_rt.evaluate --gguf FILE [--lora FILE]")
@@ -144,13 +145,12 @@ def render_markdown(m: dict, plots: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _memory_plan_lines(plan: dict | None) -> list[str]:
+def _memory_plan_lines(plan: dict | None, pre: int | None) -> list[str]:
     if not plan:
         return []
     gib = 2 ** 30
     parts = ", ".join(f"{k} {v / gib:.2f}" for k, v in plan["parts"].items())
     spill = "off" if plan["spill_budget"] is None else f"past {plan['spill_budget'] / 2**20:.0f} MiB"
-    pre = plan.get("measured_pre_step")
     act = "" if pre is None else f" (activations {(plan['measured_peak'] - pre) / gib:.2f} GiB over the pre-step {pre / gib:.2f})"
     return [f"- memory plan `{plan['mode']}`: checkpointing {'on' if plan['checkpointing'] else 'off'}, chunked loss "
             f"{'on' if plan['chunked_loss'] else 'off'}, spill {spill}: {plan['reason']}",

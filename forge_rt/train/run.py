@@ -364,7 +364,6 @@ def _plan_record(memory_plan, res: dict) -> dict | None:
         return None
     rec = memory_plan.as_dict()
     rec["measured_peak"] = res["peak_rss_bytes"]
-    rec["measured_pre_step"] = res.get("pre_step_rss_bytes")
     return rec
 
 

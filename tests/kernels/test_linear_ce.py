@@ -138,8 +138,14 @@ def test_frozen_head_and_no_grad(monkeypatch, backend):
     (g,) = torch.autograd.grad(loss, (hidden,))
     ref_loss, ref_grads = oracle(hidden, weight, labels, bias, "mean", None)
     assert rel(loss, ref_loss) <= 1e-5 and rel(g, ref_grads[0]) <= 1e-5
+    import importlib
+    kern = importlib.import_module(f"forge_rt.kernels.{ops._LINEAR_CE_MODULES[backend]}")
+    seen, real = [], kern.loss_and_grads
+    monkeypatch.setattr(kern, "loss_and_grads", lambda *a, **k: seen.append(k["needs"]) or real(*a, **k))
+    weight.requires_grad_(True)  # a trainable head: under no_grad it still gets no gradient work
     with torch.no_grad():
         assert rel(ops.linear_cross_entropy(hidden, weight, labels, bias), ref_loss) <= 1e-5
+    assert seen == [(False, False, False)]
 
 
 def test_kernel_skips_unwanted_grads():

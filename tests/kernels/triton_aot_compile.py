@@ -3,7 +3,7 @@ prints each build's registers, spill stack and shared memory. It catches what th
 through (e.g. mismatched types across constexpr branches) and shows register pressure; it says
 nothing about speed.
 
-    python tests/triton_aot_compile.py [--arch 80 87 90] [--dtype fp16 bf16 fp32] [--m 1 1024]
+    python tests/kernels/triton_aot_compile.py [--arch 80 87 90] [--dtype fp16 bf16 fp32] [--m 1 1024]
 
 Run in its own process: the kernels must be decorated with TRITON_INTERPRET unset."""
 from __future__ import annotations

@@ -29,10 +29,11 @@ def train(name: str, flags: list[str], common: list[str], workdir: Path) -> dict
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    plan = json.loads((out / "metrics.json").read_text()).get("memory_plan") or {}
+    metrics = json.loads((out / "metrics.json").read_text())
+    plan = metrics.get("memory_plan") or {}
     timed = recs[1:] or recs
     peak = max(r["peak_rss_bytes"] for r in recs)
-    pre = plan.get("measured_pre_step") or recs[0]["rss_bytes"]
+    pre = metrics["pre_step_rss_bytes"]  # the RSS before the first step, for every configuration
     return {"step_s": sum(r["step_time_s"] for r in timed) / len(timed), "peak": peak, "pre_step": pre,
             "losses": [r["loss"] for r in recs], "predicted": plan.get("predicted_peak"), "plan": plan.get("reason")}
 
