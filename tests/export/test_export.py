@@ -241,3 +241,18 @@ def test_sealed_adapter(tiny_model, smol_tok, tmp_path, monkeypatch, capsys):
     assert export_main([str(run), "--to", "gguf-lora", "--out", str(tmp_path / "a.gguf"),
                         "--passphrase-file", str(phrase)]) == 0
     assert gguf.GGUFReader(tmp_path / "a.gguf").fields["adapter.type"].contents() == "lora"
+
+
+def test_sealed_adapter_of_another_run_is_refused(tiny_model, smol_tok, tmp_path, monkeypatch, capsys):
+    """A run directory holding another run's sealed adapter (bound at sealing to that run) is not exported."""
+    from forge_rt.sovereign import seal
+    from forge_rt.train.model import run_identity
+    run = make_run(tmp_path / "run", tiny_model, smol_tok, seal_phrase=PASSPHRASE)
+    other = make_run(tmp_path / "other", tiny_model, smol_tok)
+    (other / "run_id").write_text("another run\n")
+    (run / "adapter.sealed").unlink()
+    seal.seal_dir(other / "adapter", run / "adapter.sealed", PASSPHRASE, kdf_params=(10, 8, 1),
+                  binding=run_identity(other))
+    monkeypatch.setenv("FORGE_RT_PASSPHRASE", PASSPHRASE)
+    assert "another run's adapter" in _cli(capsys, run, "--to", "gguf-lora", "--out", tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists()
