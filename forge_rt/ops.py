@@ -3,15 +3,15 @@
     qlora_linear(x, W, A, B, s, bias, dropout) = x @ dequant(W)^T + bias + s * (dropout(x) @ A^T) @ B^T
 
 W (an `forge_rt.nf4.NF4Weight`) is frozen. Backward returns grads for x, A, B and bias and saves only
-what it needs: x (for grad A), x @ A^T (for grad B) and a dropout seed (the mask is regenerated), never a
-dequantized W. The two matmuls with W run in a backend kernel (forge_rt/kernels); the rank-r LoRA
+what it needs: x (for grad A), x @ A^T (for grad B) and a dropout seed (the mask is a counter hash of the
+seed, regenerated), never a dequantized W. The two matmuls with W run in a backend kernel (forge_rt/kernels); the rank-r LoRA
 products stay in torch."""
 from __future__ import annotations
 
 import torch
 
 from forge_rt import backend
-from forge_rt.kernels import QLORA_BACKENDS, qlora_kernels
+from forge_rt.kernels import QLORA_BACKENDS, dropout_reference, qlora_kernels
 from forge_rt.nf4 import NF4Weight
 
 
@@ -21,14 +21,9 @@ def dropout_seed() -> int:
 
 
 def dropout_mask(shape, p: float, seed: int, device) -> torch.Tensor:
-    """Keep-mask (bool) of inverted dropout with drop probability p; the same seed gives the same mask."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    return torch.rand(shape, generator=gen, device=device) >= p
-
-
-def _dropout(x: torch.Tensor, p: float, seed: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-    mask = dropout_mask(x.shape, p, seed, x.device) if mask is None else mask
-    return x * mask / (1.0 - p)
+    """Keep-mask (bool) of inverted dropout with drop probability p: a counter hash of (seed, element index)
+    (kernels/dropout_reference.py), so the same seed gives the same mask on every backend and device."""
+    return dropout_reference.keep_mask(shape, p, seed, device)
 
 
 def _check(x, w, lora_A, lora_B, bias, dropout) -> None:
@@ -93,7 +88,7 @@ def _qlora_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, neste
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     xa = x2.new_empty(x2.shape[0], 0)
     if lora_A is not None:
-        xd = _dropout(x2, dropout, seed) if seed >= 0 else x2
+        xd = qlora_kernels(backend_name).dropout(x2, dropout, seed) if seed >= 0 else x2
         xa = xd.to(lora_A.dtype) @ lora_A.T
     y = qlora_kernels(backend_name).forward(x2, w, xa if lora_A is not None else None, lora_B, scaling, bias)
     return y.reshape(*x.shape[:-1], y.shape[-1]), xa
@@ -141,19 +136,15 @@ def _backward(ctx, gy, _gxa):
     g2 = gy.reshape(-1, gy.shape[-1]).contiguous()
     gb = g2.to(lora_B.dtype) @ lora_B if lora_B is not None else None
     grad_x = grad_A = grad_B = grad_bias = None
-    # The mask is regenerated once for both of its uses below: drawing it is a large share of a CPU step.
-    mask = None
     fuse = gb is not None and seed < 0  # LoRA grad fused into the kernel's epilogue
-    uses_mask = (ctx.needs_input_grad[0] and gb is not None and not fuse) or ctx.needs_input_grad[ctx.i_A]
-    if seed >= 0 and lora_A is not None and uses_mask:
-        mask = dropout_mask((g2.shape[0], lora_A.shape[1]), p, seed, g2.device)
+    kernels = qlora_kernels(ctx.backend)
     if ctx.needs_input_grad[0]:
         gx = _backward_input_op(g2, *ctx.w, gb if fuse else None, lora_A if fuse else None, s, ctx.backend)
         if gb is not None and not fuse:  # dropout sits between x and A: the LoRA grad goes through the mask
-            gx = gx + _dropout((s * gb) @ lora_A, p, seed, mask).to(gx.dtype)
+            gx = gx + kernels.dropout((s * gb) @ lora_A, p, seed).to(gx.dtype)
         grad_x = gx.reshape(ctx.x_shape)
     if ctx.needs_input_grad[ctx.i_A] and lora_A is not None:
-        xd = _dropout(x2, p, seed, mask) if seed >= 0 else x2
+        xd = kernels.dropout(x2, p, seed) if seed >= 0 else x2
         grad_A = ((s * gb).T @ xd.to(gb.dtype)).to(lora_A.dtype)
     if ctx.needs_input_grad[ctx.i_B] and lora_B is not None:
         grad_B = (s * (g2.to(xa.dtype).T @ xa)).to(lora_B.dtype)

@@ -41,6 +41,14 @@ void register_qlora(py::module_& m) {
                                     ptr<const float>(A), r, scaling, ptr<float>(gx), n_threads);
       },
       "gx[M,K] = g[M,N] @ dequant(W) + scaling * gb[M,r] @ A[r,K] (fp32, raw pointers)");
+  m.def(
+      "qlora_dropout",
+      [](uintptr_t x, int64_t n, uint32_t k0, uint32_t k1, uint32_t threshold, float scale, uintptr_t out,
+         int n_threads) {
+        py::gil_scoped_release release;
+        forge_qlora::dropout(ptr<const float>(x), n, k0, k1, threshold, scale, ptr<float>(out), n_threads);
+      },
+      "out[n] = x * scale where the counter hash of (i, k0, k1) >= threshold, else 0 (fp32, raw pointers)");
   m.def("qlora_last_transient_bytes", &forge_qlora::last_transient_bytes,
         "scratch bytes (all threads) the last qlora call allocated");
 }

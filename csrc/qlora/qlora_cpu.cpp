@@ -29,6 +29,11 @@ void backward_input(const float* g, int64_t M, const NF4View& w, const float* gb
   kernels().backward_input(g, M, w, gb, A, r, s, gx, n_threads);
 }
 
+void dropout(const float* x, int64_t n, uint32_t k0, uint32_t k1, uint32_t threshold, float scale, float* out,
+             int n_threads) {
+  kernels().dropout(x, n, k0, k1, threshold, scale, out, n_threads);
+}
+
 int64_t last_transient_bytes() { return g_transient; }
 
 }  // namespace forge_qlora

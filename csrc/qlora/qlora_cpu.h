@@ -20,6 +20,10 @@ void forward(const float* x, int64_t M, const NF4View& w, const float* xa, const
 void backward_input(const float* g, int64_t M, const NF4View& w, const float* gb, const float* A,
                     int64_t r, float s, float* gx, int n_threads);
 
+// out[n] = x * scale where the element's counter hash (dropout_hd.h) >= threshold, else 0 (LoRA dropout).
+void dropout(const float* x, int64_t n, uint32_t k0, uint32_t k1, uint32_t threshold, float scale, float* out,
+             int n_threads);
+
 // Bytes of scratch buffers (all threads) the last call allocated; the memory bench reads it.
 int64_t last_transient_bytes();
 

@@ -11,10 +11,12 @@ namespace forge_qlora {
 
 using ForwardFn = decltype(&forward);
 using BackwardInputFn = decltype(&backward_input);
+using DropoutFn = decltype(&dropout);
 
 struct Kernels {
   ForwardFn forward;
   BackwardInputFn backward_input;
+  DropoutFn dropout;
 };
 
 namespace generic {

@@ -5,6 +5,8 @@
         y = x @ dequant(w).T + bias + scaling * xa @ B.T
     backward_input(g[M,N], w, gb[M,r] | None, A[r,K] | None, scaling) -> gx[M,K]
         gx = g @ dequant(w) + scaling * gb @ A
+    dropout(x, p, seed) -> x with LoRA dropout applied: the counter-hash mask of dropout_reference,
+        identical on every backend for the same (seed, shape)
 
 Modules are imported on first use, so a missing Triton only matters to the triton backend."""
 from __future__ import annotations

@@ -54,3 +54,14 @@ def backward_input(g, w, gb, A, scaling: float):
 def last_transient_bytes() -> int:
     """Scratch bytes (all threads) the last kernel call allocated."""
     return int(require_native().qlora_last_transient_bytes())
+
+
+def dropout(x, p: float, seed: int):
+    """LoRA dropout with the counter-hash mask of kernels/dropout_reference.py, in one pass (fp32)."""
+    from forge_rt.kernels import dropout_reference as ref
+    x32 = _f32(x)
+    out = torch.empty_like(x32)
+    k0, k1 = ref.keys(seed)
+    require_native().qlora_dropout(x32.data_ptr(), x32.numel(), k0, k1, ref.threshold(p), ref.scale(p),
+                                   out.data_ptr(), torch.get_num_threads())
+    return out.to(x.dtype)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from forge_rt.kernels import nf4_reference
+from forge_rt.kernels.dropout_reference import dropout  # noqa: F401  (this backend's dropout kernel)
 
 
 def _weight(w, device: torch.device) -> torch.Tensor:

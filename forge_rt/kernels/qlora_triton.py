@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 
 from forge_rt.backend import FLOAT_DTYPES
+# LoRA dropout on GPUs: the torch ops of the reference (the same mask as every backend)
+from forge_rt.kernels.dropout_reference import dropout  # noqa: F401,E402
 from forge_rt.kernels.nf4_triton import code_on, nf4_tile, scale_args
 from forge_rt.nf4 import NESTED_BLOCKSIZE
 
