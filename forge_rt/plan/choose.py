@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from forge_rt.plan.estimate import Estimate, Shapes, estimate
+from forge_rt.plan.estimate import HEAP_RETAINED, Estimate, Shapes, estimate
 
 # Checkpointing recomputes the decoder's forward, about a third of a step: auto accepts that price,
 # because on the machines forge_rt is for (Orin, a shared server) memory runs out before patience.
@@ -81,7 +81,9 @@ def plan(shapes: Shapes, batch: int, seq_len: int, mode: str = "auto", budget: i
     else:
         chosen, why = ckpt, f"auto: checkpointing needed to fit the {budget / 2**30:.1f} GiB budget"
     if budget is not None and chosen.predicted_peak > budget:
-        room = budget - (chosen.predicted_peak - chosen.parts["activations"])
+        parts = chosen.parts
+        fixed = parts["runtime"] + parts["weights"] + parts["lora_adam"]
+        room = int((budget - fixed) / (1 + HEAP_RETAINED.get(device, 0.0)) - parts["logits"] - parts["workspace"])
         spilled = _candidate(*args, True, max(0, room))
         chosen, why = spilled, why + f"; still over budget: saved activations past {max(0, room) / 2**20:.0f} MiB spill to disk"
         if chosen.predicted_peak > budget:

@@ -58,6 +58,7 @@ class TrainConfig:
     export: str | None = field(default=None, metadata=dict(help="write deployable exports at the end, comma-separated: gguf (merged, llama.cpp), gguf-lora (llama.cpp adapter over the base GGUF), hf (merged HF directory)"))
     export_quant: str = field(default="f16", metadata=dict(help="GGUF tensor type of --export gguf/gguf-lora", choices=["f16", "bf16", "q8_0", "q4_0", "q4_1"]))
     memory_budget: str | None = field(default=None, metadata=dict(help="memory the run may use, e.g. 4G: the planner fits its choice under it"))
+    no_rss_cap: bool = field(default=False, metadata=dict(help="let the heap keep what training frees (faster on machines with slow page faults; RSS then ends far above the planner's prediction)"))
     # Run control and reporting.
     checkpoint_every: int = field(default=50, metadata=dict(help="write a checkpoint every N optimizer steps (0: only at the end / on interrupt)"))
     log_every: int = field(default=10, metadata=dict(help="plain progress line every N steps when not on a terminal"))
@@ -241,7 +242,7 @@ def resolve(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
 RESUME_MAY_CHANGE = frozenset({
     "output", "overwrite", "eval_data", "retention_text", "no_paging", "paging_budget", "grad_checkpointing",
     "checkpoint_every", "log_every", "no_live", "no_eval", "eval_limit", "eval_batch_size", "max_new_tokens",
-    "seal", "shred_data", "isolate", "memory", "memory_budget", "export", "export_quant",
+    "seal", "shred_data", "isolate", "memory", "memory_budget", "no_rss_cap", "export", "export_quant",
     "dist_backend", "dist_timeout"})  # the number of ranks is not a flag: the global batch fixes the result
 
 

@@ -196,6 +196,20 @@ def _memory_plan(cfg: TrainConfig, base, tok_data, run: Path, dist: Dist = SINGL
     return memory_plan
 
 
+RSS_CAP_MARGIN = 0.05  # the cap sits this far above the predicted peak: a trim costs a few ms and refaults
+
+
+def _cap_rss(base, memory_plan):
+    """Holds RSS near the planner's predicted peak: glibc's heap would otherwise keep what each layer's
+    forward and backward freed (forge_rt.pager.heap). Checked at every decoder layer, trimmed when over."""
+    if memory_plan is None:
+        return None
+    from forge_rt.pager.heap import RssCap
+    cap = RssCap(int(memory_plan.predicted_peak * (1 + RSS_CAP_MARGIN)))
+    cap.watch([m for m in base.modules() if type(m).__name__.endswith("DecoderLayer")])
+    return cap
+
+
 def _evaluate(model, tok, evals, retention, cfg: TrainConfig, dist: Dist) -> dict:
     from forge_rt.train.evaluate import evaluate  # eval mode, no_grad and timing are evaluate()'s own
     return evaluate(model, tok, evals, retention, batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
@@ -222,13 +236,14 @@ def _prepare(cfg: TrainConfig, run: Path, inputs: Inputs, dist: Dist):
     memory_plan = _memory_plan(cfg, base, tok_data, run, dist)
     torch.manual_seed(cfg.seed)  # LoRA init
     model = build_model(base, cfg)
+    rss_cap = None if cfg.no_rss_cap else _cap_rss(base, memory_plan)
     summary = getattr(model, "forge_rt_summary", None)
     if summary:
         print(f"fused: {summary['accelerated']} LoRA layers fused, stock path: {summary['skipped'] or 'none'}",
               flush=True)
     data_info = {"format": getattr(train, "format", None), "n_train": len(train),
                  "n_eval": len(evals) if evals is not None else 0, "n_truncated": n_trunc,
-                 "path": str(inputs.train_path), "memory_plan": memory_plan}
+                 "path": str(inputs.train_path), "memory_plan": memory_plan, "rss_cap": rss_cap}
     return model, tok, tok_data, summary, data_info
 
 
@@ -322,11 +337,11 @@ def run_training(cfg: TrainConfig, place: RunPlace, inputs: Inputs, resume: str 
     run = place.path
     base_path = run / "eval_base.json"
     base_res = json.loads(base_path.read_text()) if base_path.exists() else None
-    memory_plan = data_info.pop("memory_plan")
+    memory_plan, rss_cap = data_info.pop("memory_plan"), data_info.pop("rss_cap")
     metrics = report.build_metrics(cfg, res, base_res, _jsonable(tuned_res, None) if tuned_res else None,
                                    data=data_info, scrub=inputs.scrub, paging=paging_stats, fused_summary=summary,
                                    eval_time_s=t_eval, total_time_s=time.time() - t_all)
-    metrics["memory_plan"] = _plan_record(memory_plan, res)
+    metrics["memory_plan"] = _plan_record(memory_plan, res, rss_cap)
     metrics["exports"] = _export(cfg, run)
     finish_sovereign(cfg, run, inputs.train_path, passphrase, metrics)
     if guard is not None:
@@ -358,12 +373,15 @@ def _export(cfg: TrainConfig, run: Path) -> list[dict] | None:
     return export_run(run, targets, quant=cfg.export_quant)
 
 
-def _plan_record(memory_plan, res: dict) -> dict | None:
-    """What the planner chose and why, its predicted peak beside the measured one."""
+def _plan_record(memory_plan, res: dict, rss_cap=None) -> dict | None:
+    """What the planner chose and why, its predicted peak beside the measured one, and how often the RSS cap
+    trimmed the heap (with the cap it ended at: above the prediction when live memory was)."""
     if memory_plan is None:
         return None
     rec = memory_plan.as_dict()
     rec["measured_peak"] = res["peak_rss_bytes"]
+    if rss_cap is not None:
+        rec["heap_trims"], rec["rss_cap"] = rss_cap.trims, rss_cap.cap
     return rec
 
 

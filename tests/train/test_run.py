@@ -56,6 +56,9 @@ def test_default_path_writes_complete_run_dir_offline(tiny, tmp_path, monkeypatc
     for key in ("score_base", "score_tuned", "ppl_retention_base", "ppl_retention_tuned"):
         assert isinstance(m[key], float | int), key
     assert m["fused"] is True and m["steps"] == 6
+    plan = m["memory_plan"]  # the planner's choice, its prediction beside the measured peak, the RSS cap's work
+    assert plan["mode"] == "speed" and plan["measured_peak"] == m["peak_rss_bytes_train"]
+    assert plan["rss_cap"] >= 1.05 * plan["predicted_peak"] - 1 and plan["heap_trims"] >= 0
     assert m["data"]["format"] == "prompt_completion" and m["data"]["n_truncated"] > 0  # max_len 56 truncates
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["max_len"] == 56 and cfg["lora_r"] == 4 and cfg["model"] == str(model_dir)
