@@ -100,15 +100,26 @@ def compare(a: dict, b: dict, noise: float = 0.10) -> tuple[str, int]:
     return "\n".join(lines), bad
 
 
-def newest(results: Path) -> Path | None:
-    """The committed record the README shows: the newest bench/results/suite-*.json by name (names sort by date)."""
-    found = sorted(results.glob("suite-*.json"))
-    return found[-1] if found else None
+def newest_by_family(results: Path) -> list[tuple[Path, dict]]:
+    """Each family's newest committed record, as (path, record holding only the rows of the families it is
+    newest for); oldest record first. A quick-suite run and a later `--only memory` run both show."""
+    latest: dict[str, Path] = {}
+    loaded = {p: load(p) for p in sorted(results.glob("suite-*.json"))}
+    for path, rec in loaded.items():
+        for fam in {r["family"] for r in rec["rows"]} | {s["family"] for s in rec.get("skipped", [])}:
+            latest[fam] = path
+    out = []
+    for path, rec in loaded.items():
+        fams = {f for f, p in latest.items() if p == path}
+        if fams:
+            out.append((path, {**rec, "rows": [r for r in rec["rows"] if r["family"] in fams],
+                               "skipped": [s for s in rec.get("skipped", []) if s["family"] in fams]}))
+    return out
 
 
 def readme_block(results: Path) -> str:
-    path = newest(results)
-    body = NO_RECORD if path is None else f"From `{path.name}`:\n\n" + markdown(load(path))
+    parts = [f"From `{path.name}`:\n\n" + markdown(rec) for path, rec in newest_by_family(results)]
+    body = "\n\n".join(parts) if parts else NO_RECORD
     return f"{README_BEGIN}\n{body}\n{README_END}"
 
 

@@ -14,7 +14,8 @@ What each part counts (fp32 activations on a CPU, 16-bit on GPUs):
   checkpointing only each layer's input plus one layer recomputed in backward;
 - logits: the stock loss keeps logits, their log-softmax and the gradient for every position
   (3 x tokens x vocab fp32); the chunked loss one chunk of labelled rows at a time;
-- workspace: the gradient flowing between layers and the kernels' scratch (two hidden states);
+- workspace: the gradient flowing between layers and the kernels' scratch (two hidden states), and the
+  gradients of one layer's saved tensors while that layer runs backward (as large as what it saved);
 - heap: what the allocator holds beyond live tensors at the peak, a fraction (HEAP_RETAINED) of the three
   activation parts. On a CPU that is glibc's heap under the trainer's RSS cap (forge_rt.pager.heap): the
   cap trims it back at each decoder layer once RSS passes the prediction, and what stays was measured on the
@@ -136,7 +137,7 @@ def estimate(shapes: Shapes, batch: int, seq_len: int, *, checkpointing: bool, c
         logits = 3 * tokens * shapes.vocab * 4
     lora = lora_r * shapes.layers * sum(a + b for a, b in shapes.linear_shapes())
     runtime = RUNTIME["orin" if device.startswith("orin") else ("cuda" if device == "cuda" else "cpu")]
-    workspace = 2 * tokens * shapes.hidden * act_bytes
+    workspace = 2 * tokens * shapes.hidden * act_bytes + one_layer
     heap = HEAP_RETAINED.get(device, 0.0) * (activations + logits + workspace)
     return Estimate({
         "runtime": runtime,

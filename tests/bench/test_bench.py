@@ -70,6 +70,23 @@ def test_readme_rewrite_renders_the_newest_record(tiny_record, tmp_path):
     assert not record.rewrite_readme(readme, results)
 
 
+def test_readme_shows_each_familys_newest_record(tiny_record, tmp_path):
+    old = record.load(tiny_record)
+    new = copy.deepcopy(old)
+    new["rows"] = [dict(r, value=r["value"] * 7 + 1234.5) for r in new["rows"] if r["family"] == "nf4"]
+    new["skipped"] = [{"family": "generate", "why": "no llama.cpp here"}]
+    results = tmp_path / "results"
+    results.mkdir()
+    record.save(old, results / "suite-20260101T000000-quick-cpu.json")
+    record.save(new, results / "suite-20260102T000000-quick-cpu.json")
+    block = record.readme_block(results)
+    assert "suite-20260101T000000" in block and "suite-20260102T000000" in block
+    shown = [line for line in block.splitlines() if line.startswith("| nf4 |")]
+    assert shown and all(line in record.markdown(new) for line in shown)  # only the newer nf4 rows
+    assert any(line.startswith("| kernels |") for line in block.splitlines())  # older families still shown
+    assert "no llama.cpp here" in block
+
+
 def test_step_child_runs_one_configuration_in_process():
     from forge_rt.bench.cases import step
     res = step.child("forge fused + paging", dict(kind="tiny", layers=1, batch=1, seq=16, steps=2), "cpu")

@@ -105,3 +105,63 @@ def test_dead_rank_stops_the_other_and_one_process_resumes(tiny, tmp_path):
     assert train.main(["--resume", str(run), "--no-live"]) == 0
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 41)) and (run / "adapter/adapter_model.safetensors").is_file()
+
+
+def _wait_for_checkpoint(proc, run: Path, step: int) -> None:
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / f"step-{step:08d}").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:] if proc.poll() else "slow"
+        time.sleep(0.2)
+
+
+def test_sigterm_to_one_rank_ends_every_rank_after_a_checkpoint(tiny, tmp_path):
+    run = tmp_path / "run"
+    proc = _torchrun(2, _args(tiny, run, "--max-steps", "40", "--checkpoint-every", "2", "--no-eval"))
+    _wait_for_checkpoint(proc, run, 2)
+    os.kill(_rank_pid(proc.pid, 1), signal.SIGTERM)  # one worker only, not the launcher
+    t0 = time.time()
+    out, err = proc.communicate(timeout=120)
+    assert time.time() - t0 < 60, err[-3000:]
+    # Both ranks stopped at the same step end (the all-reduce carries the stop): rank 0 checkpointed it.
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    last = max(int(p.name[5:]) for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert 2 <= last < 40 and steps == list(range(1, last + 1)), (steps, last)
+    assert "--resume" in out + err and "Traceback" not in err, err[-3000:]
+    assert train.main(["--resume", str(run), "--no-live"]) == 0  # one process finishes it
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 41))
+
+
+NAN_ON_RANK_1 = """
+import os
+if os.environ.get("RANK") == "1":
+    import torch
+    from forge_rt.train import loop
+    real, calls = loop._loss, {"n": 0}
+
+    def nan_at_third(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    loop._loss = nan_at_third
+"""
+
+
+def test_nan_on_one_rank_stops_every_rank(tiny, tmp_path):
+    """Rank 1 alone computes a NaN loss at its third micro-batch (patched in through sitecustomize, in that
+    process only): the all-reduced gradient carries it to rank 0, and both stop before the optimizer uses it."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(NAN_ON_RANK_1)
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(REPO)]), "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "forge_rt.train", *_args(tiny, run, "--max-steps", "8", "--checkpoint-every", "1",
+                                                          "--no-eval")],
+                          env=env, text=True, capture_output=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("diverged at step 3") >= 2, proc.stderr[-3000:]  # each rank says it, rank 0 included
+    assert not (run / "adapter").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
