@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -126,7 +127,10 @@ def test_sigterm_to_one_rank_ends_every_rank_after_a_checkpoint(tiny, tmp_path):
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
     last = max(int(p.name[5:]) for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert 2 <= last < 40 and steps == list(range(1, last + 1)), (steps, last)
-    assert "--resume" in out + err and "Traceback" not in err, err[-3000:]
+    # Each rank says how to continue; no traceback of ours (torchrun prints its own for the exit code 143).
+    assert (out + err).count("Continue with: python -m forge_rt.train --resume") >= 1, (out + err)[-3000:]
+    assert not re.search(r'File "[^"]*/forge_rt/', err), err[-3000:]
+    assert "lost the other ranks" not in err  # a clean, agreed stop, not a lost peer
     assert train.main(["--resume", str(run), "--no-live"]) == 0  # one process finishes it
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 41))
