@@ -3,6 +3,7 @@
 cut to a few layers, LoRA and bitsandbytes-4-bit versions of a model, and a relative error."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 from pathlib import Path
@@ -108,3 +109,25 @@ def peak_bytes(fn) -> int:
         fn()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     return max(itertools.accumulate(n for _, n in events), default=0)
+
+
+@contextlib.contextmanager
+def cpu_path(name: str):
+    """Runs the block on the extension's CPU path `name` (auto, generic, avx2), then restores the selection."""
+    from forge_rt._native import require_native
+    C = require_native()
+    before = C.cpu_features()["selected"]
+    C.testing.set_cpu_path(name)
+    try:
+        yield
+    finally:
+        C.testing.set_cpu_path(before)
+
+
+def on_both_paths(fn):
+    """fn() on the path the CPU gets (AVX2 where it has it) and on the forced generic one."""
+    with cpu_path("auto"):
+        fast = fn()
+    with cpu_path("generic"):
+        generic = fn()
+    return fast, generic

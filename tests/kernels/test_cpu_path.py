@@ -6,7 +6,6 @@ import itertools
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -15,29 +14,11 @@ from forge_rt import nf4
 from forge_rt._native import require_native
 from forge_rt.kernels import qlora_cpu
 from forge_rt.pager import TensorCodec
+from forge_rt.testing import cpu_path, on_both_paths
 
 C = require_native()
 HAS_AVX2 = "avx2" in C.cpu_features()["available"]
 needs_avx2 = pytest.mark.skipif(not HAS_AVX2, reason="this CPU or build has no AVX2+FMA path to compare with")
-
-
-@contextmanager
-def cpu_path(name):
-    before = C.cpu_features()["selected"]
-    C.testing.set_cpu_path(name)
-    try:
-        yield
-    finally:
-        C.testing.set_cpu_path(before)
-
-
-def on_both_paths(fn):
-    """fn() on the path the CPU gets (AVX2 here) and on the forced generic one."""
-    with cpu_path("auto"):
-        fast = fn()
-    with cpu_path("generic"):
-        generic = fn()
-    return fast, generic
 
 
 def test_forced_generic_path_is_reported():

@@ -8,8 +8,7 @@ import torch
 from forge_rt._native import require_native
 from forge_rt.kernels import dropout_reference as ref
 from forge_rt.kernels import qlora_cpu
-
-from tests.kernels.test_cpu_path import on_both_paths
+from forge_rt.testing import on_both_paths
 
 M32 = 0xFFFFFFFF
 
