@@ -1,4 +1,4 @@
-"""python -m forge_rt.export RUN_DIR --to {gguf,gguf-lora,hf} --out PATH"""
+"""python -m forge_rt.export RUN_DIR --to {gguf,gguf-lora,gguf-base,hf} --out PATH"""
 from __future__ import annotations
 
 import argparse
@@ -14,10 +14,11 @@ from .source import ExportError
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m forge_rt.export",
                                 description="Export a trained adapter for deployment: a merged HF directory, a merged "
-                                            "GGUF for llama.cpp, or a llama.cpp LoRA GGUF over the base GGUF.")
+                                            "GGUF for llama.cpp, a llama.cpp LoRA GGUF, or the base GGUF as training saw it "
+                                            "(4-bit weights decoded: the base to run that LoRA GGUF over).")
     p.add_argument("run", nargs="?", help="run directory written by python -m forge_rt.train")
     p.add_argument("--to", required=True, choices=KINDS, help="what to write")
-    p.add_argument("--out", required=True, help="output file (gguf, gguf-lora) or directory (hf)")
+    p.add_argument("--out", required=True, help="output file (gguf, gguf-lora, gguf-base) or directory (hf)")
     p.add_argument("--adapter", help="PEFT adapter directory or adapter.sealed file (instead of the run's)")
     p.add_argument("--model", help="base model, HF directory or .gguf (default: the run's, else the shipped SmolLM2)")
     p.add_argument("--quant", help=f"GGUF tensor type: {', '.join(QUANTS)} (default f16; adapters: f32, f16, bf16, q8_0)")

@@ -15,9 +15,9 @@ from .hf import write_hf
 from .merge import merge
 from .source import ExportError, load, resolve
 
-KINDS = ("gguf", "gguf-lora", "hf")
+KINDS = ("gguf", "gguf-lora", "gguf-base", "hf")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_QUANT = {"gguf": "f16", "gguf-lora": "f16"}
+DEFAULT_QUANT = {"gguf": "f16", "gguf-lora": "f16", "gguf-base": "f16"}
 
 
 def _check(targets: dict, quant: str | None, dtype: str, overwrite: bool) -> None:
@@ -33,14 +33,16 @@ def _check(targets: dict, quant: str | None, dtype: str, overwrite: bool) -> Non
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
     if quant is not None:
-        for kind, check in (("gguf", check_quant), ("gguf-lora", check_lora_quant)):
+        for kind, check in (("gguf", check_quant), ("gguf-base", check_quant), ("gguf-lora", check_lora_quant)):
             if kind in targets:
                 check(quant)
 
 
 def export_run(run=None, targets: dict | None = None, *, adapter=None, model=None, quant: str | None = None,
                dtype: str = "float32", overwrite: bool = False, passphrase_file=None) -> list[dict]:
-    """Export a trained adapter. `targets` maps kind ("gguf", "gguf-lora", "hf") to an output path.
+    """Export a trained adapter. `targets` maps kind ("gguf", "gguf-lora", "gguf-base", "hf") to an output path;
+    gguf-base is the base exactly as training saw it (its 4-bit weights decoded), the base to run a gguf-lora
+    adapter over.
     `run` is a run directory (its config names the base model); or give `adapter` (a PEFT directory or
     an adapter.sealed file) and `model` (HF directory or .gguf; default: the shipped SmolLM2 GGUF).
     `quant` is the GGUF tensor type (default f16), `dtype` the hf export's weights. Every check that
@@ -48,7 +50,7 @@ def export_run(run=None, targets: dict | None = None, *, adapter=None, model=Non
     targets = {k: Path(v) for k, v in (targets or {}).items()}
     _check(targets, quant, dtype, overwrite)
     src = resolve(run, adapter, model)
-    if not src.base_is_gguf and ("gguf" in targets or "gguf-lora" in targets):
+    if not src.base_is_gguf and {"gguf", "gguf-lora", "gguf-base"} & set(targets):
         from transformers import AutoConfig
         check_hf_arch(AutoConfig.from_pretrained(src.model).model_type)
     peft_model, tok = load(src, passphrase_file)
@@ -71,7 +73,8 @@ def export_run(run=None, targets: dict | None = None, *, adapter=None, model=Non
 
     if "gguf-lora" in targets:  # before the merge, which folds the adapter away
         write("gguf-lora", lambda tmp: write_gguf_lora(peft_model, tmp, quant or "f16", source_gguf),
-              base_gguf_needed=str(source_gguf) if source_gguf else None)
+              base_gguf_needed=str(source_gguf) if source_gguf else None,
+              base_as_trained=str(targets["gguf-base"]) if "gguf-base" in targets else None)
     if "gguf" in targets or "hf" in targets:
         t0 = time.perf_counter()
         merged = merge(peft_model, torch.float32 if "gguf" in targets else DTYPES[dtype])
@@ -81,4 +84,9 @@ def export_run(run=None, targets: dict | None = None, *, adapter=None, model=Non
         if "hf" in targets:
             merged = merged.to(DTYPES[dtype])
             write("hf", lambda tmp: write_hf(merged, tok, tmp, DTYPES[dtype]), merge_seconds=round(merge_s, 2))
+        del merged
+    if "gguf-base" in targets:  # the merge above folded the adapter into this model: load a fresh one
+        base = peft_model if not {"gguf", "hf"} & set(targets) else load(src, passphrase_file)[0]
+        base.base_model.disable_adapter_layers()
+        write("gguf-base", lambda tmp: write_gguf(merge(base, torch.float32), tok, tmp, quant or "f16", source_gguf))
     return records

@@ -55,8 +55,8 @@ class TrainConfig:
     no_paging: bool = field(default=False, metadata=dict(help="keep autograd's saved activations uncompressed in memory"))
     paging_budget: str | None = field(default=None, metadata=dict(help="page saved activations, spilling to disk past this resident size, e.g. 512M or 2G (default: --memory decides)"))
     memory: str = field(default="auto", metadata=dict(help="memory plan: auto (least memory within 40%% of the fastest step, or the fastest that fits --memory-budget), speed (no recomputation), min (least memory)", choices=["auto", "speed", "min"]))
-    export: str | None = field(default=None, metadata=dict(help="write deployable exports at the end, comma-separated: gguf (merged, llama.cpp), gguf-lora (llama.cpp adapter over the base GGUF), hf (merged HF directory)"))
-    export_quant: str = field(default="f16", metadata=dict(help="GGUF tensor type of --export gguf/gguf-lora", choices=["f16", "bf16", "q8_0", "q4_0", "q4_1"]))
+    export: str | None = field(default=None, metadata=dict(help="write deployable exports at the end, comma-separated: gguf (merged, llama.cpp), gguf-lora (llama.cpp adapter), gguf-base (the base as trained, for that adapter), hf (merged HF directory)"))
+    export_quant: str = field(default="f16", metadata=dict(help="GGUF tensor type of --export gguf/gguf-lora/gguf-base", choices=["f16", "bf16", "q8_0", "q4_0", "q4_1"]))
     memory_budget: str | None = field(default=None, metadata=dict(help="memory the run may use, e.g. 4G: the planner fits its choice under it"))
     no_rss_cap: bool = field(default=False, metadata=dict(help="let the heap keep what training frees (faster on machines with slow page faults; RSS then ends far above the planner's prediction)"))
     # Run control and reporting.
@@ -98,8 +98,8 @@ class TrainConfig:
         if self.target_modules != "all-linear" and not [s for s in self.target_modules.split(",") if s.strip()]:
             raise ConfigError(f"target_modules {self.target_modules!r} names no module; use 'all-linear' or e.g. q_proj,v_proj")
         kinds = [k.strip() for k in (self.export or "").split(",") if k.strip()]
-        if self.export is not None and (not kinds or set(kinds) - {"gguf", "gguf-lora", "hf"}):
-            raise ConfigError(f"--export {self.export!r}: give a comma-separated list of gguf, gguf-lora, hf")
+        if self.export is not None and (not kinds or set(kinds) - {"gguf", "gguf-lora", "gguf-base", "hf"}):
+            raise ConfigError(f"--export {self.export!r}: give a comma-separated list of gguf, gguf-lora, gguf-base, hf")
         for name in ("paging_budget", "memory_budget"):
             if getattr(self, name) is not None:
                 try:

@@ -358,7 +358,8 @@ def run_training(cfg: TrainConfig, place: RunPlace, inputs: Inputs, resume: str 
     return 0
 
 
-EXPORT_NAMES = {"gguf": "model-{quant}.gguf", "gguf-lora": "adapter-{quant}.gguf", "hf": "hf"}
+EXPORT_NAMES = {"gguf": "model-{quant}.gguf", "gguf-lora": "adapter-{quant}.gguf", "gguf-base": "base-{quant}.gguf",
+                "hf": "hf"}
 
 
 def _export(cfg: TrainConfig, run: Path) -> list[dict] | None:

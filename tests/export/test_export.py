@@ -151,6 +151,31 @@ def test_gguf_lora_read_back(tiny_run, tmp_path):
     np.testing.assert_array_equal(_unpermute(tb.data.reshape(b.shape), 2), b.numpy())
 
 
+def test_gguf_base_is_the_merge_without_the_adapter(tiny_run, tmp_path):
+    """gguf-base holds the 4-bit base as training decoded it: the merged export minus scaling * B @ A,
+    and not the original fp32 weights (those never met the adapter)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    recs = export_run(tiny_run, {"gguf": tmp_path / "m.gguf", "gguf-lora": tmp_path / "a.gguf",
+                                 "gguf-base": tmp_path / "b.gguf"}, quant="f32")
+    assert [r["kind"] for r in recs] == ["gguf-lora", "gguf", "gguf-base"]
+    assert recs[0]["base_as_trained"] == str(tmp_path / "b.gguf")
+    merged, _ = _fields(tmp_path / "m.gguf")
+    base, kv = _fields(tmp_path / "b.gguf")
+    assert kv["general.architecture"] == "llama"
+    m, b = ({t.name: t.data for t in r.tensors} for r in (merged, base))
+    assert m.keys() == b.keys()
+    sd = load_file(tiny_run / "adapter" / "adapter_model.safetensors")
+    original = AutoModelForCausalLM.from_pretrained(json.loads((tiny_run / "config.json").read_text())["model"])
+    prefix = "base_model.model.model.layers.0.mlp.down_proj"
+    delta = (sd[f"{prefix}.lora_B.weight"] @ sd[f"{prefix}.lora_A.weight"] * (8 / 4)).numpy()
+    got = b["blk.0.ffn_down.weight"].reshape(delta.shape)
+    np.testing.assert_allclose(got, m["blk.0.ffn_down.weight"].reshape(delta.shape) - delta, atol=1e-6)
+    want = original.model.layers[0].mlp.down_proj.weight.detach().numpy()
+    assert 0 < np.abs(got - want).max() < 0.2 * np.abs(want).max()  # NF4's rounding, no more
+    np.testing.assert_array_equal(b["token_embd.weight"], m["token_embd.weight"])
+
+
 def test_permutation_is_transformers_inverse():
     from types import SimpleNamespace
     w = torch.randn(3 * 8, 5)

@@ -55,6 +55,14 @@ def test_tiny_base_plus_lora_gguf_answers_like_pytorch(tiny_model, smol_tok, tmp
     assert _llamacpp_answers(base_gguf, 12, lora) == _torch_answers(model, tok, 12)
 
 
+def test_tiny_gguf_base_plus_lora_answers_like_the_nf4_model(tiny_run, tmp_path):
+    """The adapter over the base as trained (gguf-base: NF4 decoded) answers like the model that trained it."""
+    base_gguf, lora = tmp_path / "base.gguf", tmp_path / "lora.gguf"
+    export_run(tiny_run, {"gguf-lora": lora, "gguf-base": base_gguf}, quant="f32")
+    model, tok, _ = load_run(tiny_run)
+    assert _llamacpp_answers(base_gguf, 12, lora) == _torch_answers(model, tok, 12)
+
+
 def test_smollm2_gguf_in_gguf_out(smollm2, tmp_path):
     """The shipped Q4_1 GGUF: q/k permutation against the file's own tensors, metadata carried over,
     merged and adapter exports answering in llama.cpp like PyTorch."""
