@@ -5,6 +5,7 @@ test functions, parametrized by their `cases(ctx, test_name)`."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 FAMILIES = ("kernels", "nf4", "paging", "step", "memory", "generate")
 # generate loads SmolLM2 twice (forge_rt and llama.cpp): over a minute here, so only the full suite runs it
