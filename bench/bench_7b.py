@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -56,7 +57,11 @@ def phase_train(model: Path, steps: int, seq: int) -> dict:
                      "--max-steps", str(steps), "--batch-size", "1", "--max-len", str(seq), "--lora-r", "16",
                      "--checkpoint-every", "0", "--memory-budget", "10G", "--overwrite"])
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] if rc == 0 else []
-    return {"rc": rc, "step_times_s": [r["step_time_s"] for r in recs], "peak_rss_bytes": _peak()}
+    m = json.loads((run / "metrics.json").read_text()) if rc == 0 else {}
+    plan = m.get("memory_plan") or {}
+    return {"rc": rc, "step_times_s": [r["step_time_s"] for r in recs], "peak_rss_bytes": _peak(),
+            "pre_step_rss_bytes": m.get("pre_step_rss_bytes"), "peak_rss_bytes_train": m.get("peak_rss_bytes_train"),
+            "plan": {k: plan.get(k) for k in ("mode", "checkpointing", "reason", "predicted_peak", "predicted_step_s", "parts", "heap_trims", "rss_cap")}}
 
 
 def phase_stock(model: Path, steps: int, seq: int) -> dict:
@@ -118,8 +123,10 @@ def main(argv=None) -> int:
         model = work / "model"
         subprocess.run([sys.executable, str(ROOT / "tools" / "make_7b_checkpoint.py"), str(model),
                         *(TINY if args.tiny else [])], check=True)
+        load_before = os.getloadavg()
         res = {"weights": "RANDOM (Llama-2-7B shape)" if not args.tiny else "RANDOM (tiny shape)",
-               **{name: run_phase(name, model, args) for name in PHASES}}
+               **{name: run_phase(name, model, args) for name in PHASES},
+               "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if not args.tiny:

@@ -62,6 +62,18 @@ def to_llamacpp_rows(weight: torch.Tensor, gguf_tensor: str, config) -> torch.Te
             .transpose(1, 2).reshape(weight.shape))
 
 
+# llama.cpp's own quantizer keeps the LM head (output.weight, or the tied token_embd) above 4-5 bits (Q6_K),
+# as the shipped Q4_1 SmolLM2 file does (Q8_0); the gguf package writes no K-quants, so Q8_0 here. It does not
+# rescue q4_0 on the 135M demo (bench/results/default_job/llamacpp_scores_2.json): the blocks are the loss.
+_LOW_BIT = {gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q5_0,
+            gguf.GGMLQuantizationType.Q5_1}
+
+
+def head_type(qtype):
+    """The GGUF type of the LM head for a file of type `qtype`."""
+    return gguf.GGMLQuantizationType.Q8_0 if qtype in _LOW_BIT else qtype
+
+
 def encode(weight: torch.Tensor, qtype) -> tuple[np.ndarray, object]:
     """(array, raw_dtype) for GGUFWriter.add_tensor. Vectors stay F32 (as llama.cpp's converter keeps
     norms and biases); a matrix whose rows don't fill whole blocks falls back to F16."""

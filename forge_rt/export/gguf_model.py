@@ -11,7 +11,7 @@ from pathlib import Path
 
 import gguf
 
-from .gguf_common import (PERMUTED_ARCHS, QUANTS, check_hf_arch, encode, gguf_name, name_map,
+from .gguf_common import (PERMUTED_ARCHS, QUANTS, check_hf_arch, encode, gguf_name, head_type, name_map,
                           to_llamacpp_rows)
 from .source import ExportError
 
@@ -50,6 +50,7 @@ def write_gguf(merged, tokenizer, out: Path, quant: str, source_gguf: Path | Non
         if getattr(config, "tie_word_embeddings", False):
             weights.pop("output.weight", None)
         layout = [(name, None) for name in weights]
+    head = "output.weight" if any(name == "output.weight" for name, _ in layout) else "token_embd.weight"
     for name, src in layout:
         tensor = weights.get(name)
         if tensor is None:
@@ -62,7 +63,7 @@ def write_gguf(merged, tokenizer, out: Path, quant: str, source_gguf: Path | Non
                               f"{tuple(reversed(src.shape.tolist()))}; is the model built from {source_gguf}?")
         if arch in PERMUTED_ARCHS:
             tensor = to_llamacpp_rows(tensor, name, config)
-        data, raw_dtype = encode(tensor, qtype)
+        data, raw_dtype = encode(tensor, head_type(qtype) if name == head else qtype)
         writer.add_tensor(name, data, raw_dtype=raw_dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -129,6 +129,9 @@ def test_gguf_model_read_back(tiny_run, smol_tok, tmp_path, quant):
                 got = _unpermute(got, heads)
             assert np.abs(got - want).max() <= tol * np.abs(want).max()
         assert names[f"blk.{i}.attn_norm.weight"].tensor_type.name == "F32"
+    # the LM head stays at 8 bits under a 4-bit file type (llama.cpp's quantizer keeps it higher too)
+    assert names["output.weight"].tensor_type.name == ("Q8_0" if quant == "q4_0" else quant.upper())
+    assert names["token_embd.weight"].tensor_type.name == quant.upper()
     assert json.loads((tmp_path / "m.gguf.manifest.json").read_text())["quant"] == quant
     assert rec["bytes"] == out.stat().st_size
 
