@@ -114,8 +114,8 @@ def render_markdown(m: dict, plots: list[str]) -> str:
                      f"({p.get('codec', '')})")
     lines += _memory_plan_lines(m.get("memory_plan"), m.get("pre_step_rss_bytes"))
     for e in m.get("exports") or []:
-        lines.append(f"- export `{e.get('kind')}`: `{e.get('output')}` ({(e.get('bytes') or 0) / 2**20:.1f} MiB); "
-                     f"score it where it runs: python -m forge_rt.evaluate --gguf FILE [--lora FILE]")
+        lines.append(f"- export `{e.get('kind')}`: `{e.get('output')}` ({(e.get('bytes') or 0) / 2**20:.1f} MiB)"
+                     + _llamacpp_score(e))
     s = m.get("scrub") or {}
     lines.append(f"- PII scrubbing: {json.dumps(s)}")
     if "egress_attempts" in m:
@@ -143,6 +143,17 @@ def render_markdown(m: dict, plots: list[str]) -> str:
     for name in plots:
         lines += ["", f"![{name}]({name})"]
     return "\n".join(lines) + "\n"
+
+
+def _llamacpp_score(export: dict) -> str:
+    s = export.get("llamacpp")
+    if s is None:
+        return ""
+    if "score" not in s:
+        return f"; not scored in llama.cpp ({s.get('skipped')})"
+    over = f" over `{s['model']}`" if export.get("kind") == "gguf-lora" else ""
+    return (f"; in llama.cpp{over}: score {s['score']:.1f} (exact {s['exact']:.2f}, field {s['field_acc']:.2f}, "
+            f"valid JSON {s['valid_json']:.2f}, n {s['n']}, {s['seconds']:.0f} s)")
 
 
 def _memory_plan_lines(plan: dict | None, pre: int | None) -> list[str]:

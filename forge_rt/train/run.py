@@ -342,7 +342,7 @@ def run_training(cfg: TrainConfig, place: RunPlace, inputs: Inputs, resume: str 
                                    data=data_info, scrub=inputs.scrub, paging=paging_stats, fused_summary=summary,
                                    eval_time_s=t_eval, total_time_s=time.time() - t_all)
     metrics["memory_plan"] = _plan_record(memory_plan, res, rss_cap)
-    metrics["exports"] = _export(cfg, run)
+    metrics["exports"] = _export(cfg, run, inputs.evals)
     finish_sovereign(cfg, run, inputs.train_path, passphrase, metrics)
     if guard is not None:
         metrics["egress_attempts"] = len(guard.attempts)
@@ -362,8 +362,9 @@ EXPORT_NAMES = {"gguf": "model-{quant}.gguf", "gguf-lora": "adapter-{quant}.gguf
                 "hf": "hf"}
 
 
-def _export(cfg: TrainConfig, run: Path) -> list[dict] | None:
-    """--export: the deployable files under RUN/export/ (before --seal shreds the plaintext adapter)."""
+def _export(cfg: TrainConfig, run: Path, evals) -> list[dict] | None:
+    """--export: the deployable files under RUN/export/ (before --seal shreds the plaintext adapter), each
+    GGUF scored in llama.cpp on the held-out set when the run evaluates."""
     if not cfg.export:
         return None
     from forge_rt.export import export_run
@@ -371,7 +372,35 @@ def _export(cfg: TrainConfig, run: Path) -> list[dict] | None:
     targets = {k: run / "export" / EXPORT_NAMES[k].format(quant=cfg.export_quant) for k in kinds}
     (run / "export").mkdir(exist_ok=True)
     print(f"export: {', '.join(kinds)} ...", flush=True)
-    return export_run(run, targets, quant=cfg.export_quant)
+    records = export_run(run, targets, quant=cfg.export_quant)
+    if evals is not None:
+        _score_exports(records, evals, cfg.max_new_tokens)
+    return records
+
+
+def _score_exports(records: list[dict], evals, max_new_tokens: int) -> None:
+    """The score of exactly what is deployed: a merged GGUF alone, a gguf-lora adapter over the gguf-base of
+    the same export (else over the base GGUF it was trained from); needs xllamacpp (forge_rt[export])."""
+    from forge_rt.export.llamacpp import LlamaCppError, evaluate_gguf
+    outputs = {r["kind"]: r["output"] for r in records}
+    for rec in records:
+        if rec["kind"] == "gguf":
+            model, lora = rec["output"], None
+        elif rec["kind"] == "gguf-lora":
+            model, lora = outputs.get("gguf-base") or rec.get("base_gguf_needed"), rec["output"]
+        else:
+            continue
+        if model is None:  # an HF-directory base and no gguf-base asked for: nothing to run the adapter over
+            rec["llamacpp"] = {"skipped": "no base GGUF: add gguf-base to --export"}
+            continue
+        print(f"export: scoring {Path(lora or model).name} in llama.cpp ...", flush=True)
+        try:
+            res = evaluate_gguf(model, lora, evals, max_new_tokens)
+        except LlamaCppError as exc:
+            rec["llamacpp"] = {"skipped": str(exc)}
+            continue
+        rec["llamacpp"] = {k: res[k] for k in ("score", "exact", "field_acc", "valid_json", "n", "seconds")}
+        rec["llamacpp"]["model"] = str(model)
 
 
 def _plan_record(memory_plan, res: dict, rss_cap=None) -> dict | None:

@@ -128,3 +128,40 @@ def test_seal_shred_and_scrub(tiny, tmp_path, monkeypatch, capsys):
     from forge_rt.sovereign.seal import WrongPassphraseError
     with pytest.raises(WrongPassphraseError):
         generate.load_run(run)
+
+
+@pytest.mark.slow
+def test_export_at_the_end_scores_each_gguf_in_llamacpp(tiny, tmp_path):
+    """--export writes every kind under RUN/export/ and scores what will be deployed in llama.cpp: the merged
+    GGUF alone, the adapter over the gguf-base of the same run; report.md lists sizes and scores."""
+    pytest.importorskip("xllamacpp")
+    model_dir, data = tiny
+    evals = write_jsonl(tmp_path / "eval.jsonl", tiny_rows(3))
+    run = tmp_path / "run"
+    args = tiny_args(model_dir, data, run, "--max-steps", "2", "--eval-data", str(evals), "--max-new-tokens", "4",
+                     "--export", "gguf,gguf-lora,gguf-base,hf")
+    args.remove("--no-eval")
+    assert train.main(args) == 0
+    exports = {e["kind"]: e for e in json.loads((run / "metrics.json").read_text())["exports"]}
+    assert set(exports) == {"gguf", "gguf-lora", "gguf-base", "hf"}
+    for kind, name in (("gguf", "model-f16.gguf"), ("gguf-lora", "adapter-f16.gguf"), ("gguf-base", "base-f16.gguf")):
+        assert exports[kind]["output"] == str(run / "export" / name) and (run / "export" / name).is_file()
+    assert exports["gguf"]["llamacpp"]["n"] == 3 and exports["gguf"]["llamacpp"]["model"].endswith("model-f16.gguf")
+    assert exports["gguf-lora"]["llamacpp"]["model"] == str(run / "export" / "base-f16.gguf")
+    assert "llamacpp" not in exports["gguf-base"] and "llamacpp" not in exports["hf"]
+    report = (run / "report.md").read_text()
+    assert report.count("in llama.cpp") == 2 and "over `" in report and "MiB" in report
+
+
+@pytest.mark.slow
+def test_export_gguf_lora_over_a_hf_base_needs_gguf_base(tiny, tmp_path):
+    pytest.importorskip("xllamacpp")
+    model_dir, data = tiny
+    run = tmp_path / "run"
+    args = tiny_args(model_dir, data, run, "--max-steps", "1", "--eval-data", str(write_jsonl(tmp_path / "e.jsonl", tiny_rows(2))),
+                     "--max-new-tokens", "2", "--export", "gguf-lora")
+    args.remove("--no-eval")
+    assert train.main(args) == 0
+    lora, = json.loads((run / "metrics.json").read_text())["exports"]
+    assert "gguf-base" in lora["llamacpp"]["skipped"]
+    assert "not scored in llama.cpp (no base GGUF: add gguf-base to --export)" in (run / "report.md").read_text()
