@@ -204,9 +204,12 @@ def _cap_rss(base, memory_plan):
     forward and backward freed (forge_rt.pager.heap). Checked at every decoder layer, trimmed when over."""
     if memory_plan is None:
         return None
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     from forge_rt.pager.heap import RssCap
     cap = RssCap(int(memory_plan.predicted_peak * (1 + RSS_CAP_MARGIN)))
-    cap.watch([m for m in base.modules() if type(m).__name__.endswith("DecoderLayer")])
+    # the layers transformers checkpoints: every architecture's decoder layer, whatever its class is named
+    cap.watch([m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)])
     return cap
 
 

@@ -77,7 +77,7 @@ def test_hooks_check_at_every_layer_in_forward_and_backward(checkpointing):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     cap = Counting()
-    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    layers = [m for m in model.modules() if isinstance(m, transformers.modeling_layers.GradientCheckpointingLayer)]
     handles = cap.watch(layers)
     ids = torch.randint(0, 64, (2, 8))
     model(input_ids=ids, labels=ids).loss.backward()

@@ -165,3 +165,17 @@ def test_export_gguf_lora_over_a_hf_base_needs_gguf_base(tiny, tmp_path):
     lora, = json.loads((run / "metrics.json").read_text())["exports"]
     assert "gguf-base" in lora["llamacpp"]["skipped"]
     assert "not scored in llama.cpp (no base GGUF: add gguf-base to --export)" in (run / "report.md").read_text()
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gemma2", "qwen2"])
+def test_rss_cap_watches_every_decoder_layer(arch):
+    """The cap hooks the layers transformers checkpoints, whatever each architecture names its layer class."""
+    from types import SimpleNamespace
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from forge_rt.train.run import _cap_rss
+    cfg = AutoConfig.for_model(arch, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    _cap_rss(model, SimpleNamespace(predicted_peak=1 << 40))
+    hooked = [n for n, m in model.named_modules() if m._forward_pre_hooks]
+    assert len(hooked) == 3 and all(n.endswith(("layers.0", "layers.1", "layers.2")) for n in hooked)
