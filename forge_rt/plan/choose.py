@@ -84,7 +84,7 @@ def plan(shapes: Shapes, batch: int, seq_len: int, mode: str = "auto", budget: i
         parts = chosen.parts
         fixed = parts["runtime"] + parts["weights"] + parts["lora_adam"]
         room = int((budget - fixed) / (1 + HEAP_RETAINED.get(device, 0.0)) - parts["logits"] - parts["workspace"])
-        spilled = _candidate(*args, True, max(0, room))
+        spilled = _candidate(*args, chosen.checkpointing, max(0, room))  # speed spills without recomputing
         chosen, why = spilled, why + f"; still over budget: saved activations past {max(0, room) / 2**20:.0f} MiB spill to disk"
         if chosen.predicted_peak > budget:
             why += f" (predicted {chosen.predicted_peak / 2**30:.2f} GiB still exceeds the budget)"

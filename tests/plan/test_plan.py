@@ -96,6 +96,10 @@ def test_modes_choose_as_documented():
     assert tight.checkpointing and tight.spill_budget is None
     over = plan(sh, 1, 8192, "min", budget=mn.predicted_peak, rates=RATES)
     assert over.spill_budget is not None and "spill" in over.reason
+    # speed never recomputes: over its budget it spills, and says when even that does not fit
+    fast_over = plan(sh, 8, 144, "speed", budget=mn.predicted_peak + (1 << 20), rates=RATES, labelled_fraction=0.24)
+    assert not fast_over.checkpointing and fast_over.spill_budget is not None and "spill" in fast_over.reason
+    assert fast_over.predicted_peak < speed.predicted_peak
     with pytest.raises(ValueError, match="memory mode"):
         plan(sh, 8, 144, "fast", rates=RATES)
 
