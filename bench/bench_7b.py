@@ -76,6 +76,7 @@ def phase_stock(model: Path, steps: int, seq: int) -> dict:
     base.gradient_checkpointing_enable()
     base.enable_input_require_grads()
     peft = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    peft.train()  # from_pretrained returns eval mode, where HF skips gradient checkpointing
     opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, base.config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))
     times = []
