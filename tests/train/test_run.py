@@ -167,9 +167,10 @@ def test_export_gguf_lora_over_a_hf_base_needs_gguf_base(tiny, tmp_path):
     assert "not scored in llama.cpp (no base GGUF: add gguf-base to --export)" in (run / "report.md").read_text()
 
 
-@pytest.mark.parametrize("arch", ["llama", "phi3", "gemma2", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gemma2", "qwen2", "gpt_neox"])
 def test_rss_cap_watches_every_decoder_layer(arch):
-    """The cap hooks the layers transformers checkpoints, whatever each architecture names its layer class."""
+    """The cap hooks the layers transformers checkpoints, whatever each architecture names its layer class
+    (GPT-NeoX's is GPTNeoXLayer: a class-name filter on ...DecoderLayer missed it)."""
     from types import SimpleNamespace
     from transformers import AutoConfig, AutoModelForCausalLM
     from forge_rt.train.run import _cap_rss
