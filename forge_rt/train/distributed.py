@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -62,10 +63,15 @@ class Dist:
             yield
         except RuntimeError as exc:  # gloo/nccl: a peer's socket closed, or the timeout passed
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DistributedError(
+            error = DistributedError(
                 f"rank {self.rank} of {self.world} lost the other ranks during {what} ({first[:200]}): a rank "
                 f"died or hung past --dist-timeout {self.timeout_s:g}s. The last checkpoint is kept: continue "
-                "with --resume RUN_DIR, with any number of ranks and the same --batch-size") from None
+                "with --resume RUN_DIR, with any number of ranks and the same --batch-size")
+            # Said now: torchrun SIGTERMs the survivors of a dead worker, and that signal can land anywhere on
+            # the way out (seen in CI: the line was lost to "interrupted" when it beat the error to `main`).
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            error.reported = True
+            raise error from None
 
     def broadcast(self, obj, what: str = "setup"):
         """Rank 0's `obj` on every rank."""

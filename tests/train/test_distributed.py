@@ -17,6 +17,7 @@ import torch
 
 from forge_rt import train
 from forge_rt.testing import make_tiny_model_dir, rel_err, tiny_args, tiny_rows, write_jsonl
+from forge_rt.train import distributed
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -99,13 +100,29 @@ def test_dead_rank_stops_the_other_and_one_process_resumes(tiny, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and time.time() - t0 < 60, err[-3000:]
     # The surviving rank says why in one line (torchrun's own report of the killed worker follows it).
-    assert "error: rank 0 of 2 lost the other ranks" in err, err[-3000:]
+    assert err.count("error: rank 0 of 2 lost the other ranks") == 1, err[-3000:]
     done = max(int(p.name[5:]) for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert 2 <= done < 40 and not (run / "adapter").exists()
     # One process picks the run up from the global data position and finishes it.
     assert train.main(["--resume", str(run), "--no-live"]) == 0
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 41)) and (run / "adapter/adapter_model.safetensors").is_file()
+
+
+def test_a_lost_peer_is_said_even_when_torchruns_sigterm_follows(capsys):
+    # torchrun SIGTERMs the survivors of a dead worker; when that lands after the collective failed (the
+    # KeyboardInterrupt below), the cause must already be on stderr: CI once lost it to "interrupted".
+    dist = distributed.Dist(rank=0, world=2, backend="gloo", timeout_s=30)
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            with dist._collective("the gradient all-reduce"):
+                raise RuntimeError("[gloo] Connection closed by peer [127.0.0.1]:29500")
+        finally:
+            raise KeyboardInterrupt
+    err = capsys.readouterr().err
+    assert err.startswith("error: rank 0 of 2 lost the other ranks during the gradient all-reduce "
+                          "([gloo] Connection closed by peer"), err
+    assert "--resume RUN_DIR" in err and err.count("\n") == 1
 
 
 def _wait_for_checkpoint(proc, run: Path, step: int) -> None:
