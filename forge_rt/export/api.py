@@ -1,6 +1,7 @@
 """`export_run`: a run (or adapter + base) to one or more of hf / gguf / gguf-lora, each with a manifest."""
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
@@ -75,6 +76,11 @@ def export_run(run=None, targets: dict | None = None, *, adapter=None, model=Non
         write("gguf-lora", lambda tmp: write_gguf_lora(peft_model, tmp, quant or "f16", source_gguf),
               base_gguf_needed=str(source_gguf) if source_gguf else None,
               base_as_trained=str(targets["gguf-base"]) if "gguf-base" in targets else None)
+    # The merge folds the adapter into peft_model in place; gguf-base needs the base untouched. A copy of the
+    # 4-bit model is a fraction of the fp32 merge, and a second load would ask a sealed run's passphrase again.
+    base = peft_model
+    if "gguf-base" in targets and {"gguf", "hf"} & set(targets):
+        base = copy.deepcopy(peft_model)
     if "gguf" in targets or "hf" in targets:
         t0 = time.perf_counter()
         merged = merge(peft_model, torch.float32 if "gguf" in targets else DTYPES[dtype])
@@ -85,8 +91,7 @@ def export_run(run=None, targets: dict | None = None, *, adapter=None, model=Non
             merged = merged.to(DTYPES[dtype])
             write("hf", lambda tmp: write_hf(merged, tok, tmp, DTYPES[dtype]), merge_seconds=round(merge_s, 2))
         del merged
-    if "gguf-base" in targets:  # the merge above folded the adapter into this model: load a fresh one
-        base = peft_model if not {"gguf", "hf"} & set(targets) else load(src, passphrase_file)[0]
+    if "gguf-base" in targets:
         base.base_model.disable_adapter_layers()
         write("gguf-base", lambda tmp: write_gguf(merge(base, torch.float32), tok, tmp, quant or "f16", source_gguf))
     return records

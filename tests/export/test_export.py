@@ -269,6 +269,13 @@ def test_sealed_adapter(tiny_model, smol_tok, tmp_path, monkeypatch, capsys):
     assert export_main([str(run), "--to", "gguf-lora", "--out", str(tmp_path / "a.gguf"),
                         "--passphrase-file", str(phrase)]) == 0
     assert gguf.GGUFReader(tmp_path / "a.gguf").fields["adapter.type"].contents() == "lora"
+    # gguf-base beside a merge loads the model once: one passphrase, asked once
+    from forge_rt.export import source
+    asked = []
+    monkeypatch.setattr(source.seal, "get_passphrase", lambda f: asked.append(f) or PASSPHRASE)
+    monkeypatch.delenv("FORGE_RT_PASSPHRASE")
+    recs = export_run(run, {"gguf": tmp_path / "m.gguf", "gguf-base": tmp_path / "b.gguf"})
+    assert len(asked) == 1 and [r["kind"] for r in recs] == ["gguf", "gguf-base"]
 
 
 def test_sealed_adapter_of_another_run_is_refused(tiny_model, smol_tok, tmp_path, monkeypatch, capsys):
