@@ -13,6 +13,7 @@ import torch
 
 from forge_rt.errors import ForgeError
 from forge_rt.monitor.sources import process_rss, reset_peak_rss
+from forge_rt.pager.heap import trim_heap
 from forge_rt.train import checkpoint as ckpt
 from forge_rt.train.config import TrainConfig
 from forge_rt.train.console import Progress, Stop
@@ -215,6 +216,9 @@ def train_loop(model, tok_data, cfg: TrainConfig, run: Path, resume_state: dict 
     def save() -> None:
         _mark(monitor, "checkpoint", st.step)
         if dist.is_main:
+            # The heap still holds what the step freed (up to the RSS cap); serializing the LoRA weights and
+            # AdamW's moments (12 bytes a parameter) on top of it set the 7B-shaped run's peak. Trim first.
+            trim_heap()
             st.save(run / "checkpoints")
 
     model.train()

@@ -166,9 +166,9 @@ def test_disk_full_writing_the_adapter_keeps_a_resumable_state(tiny, tmp_path, c
 
 
 def test_disk_full_first_checkpoint_says_none_exists(tmp_path, monkeypatch):
-    def full(path, data):
+    def full(path, tensors):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(ckpt, "_write", full)
+    monkeypatch.setattr(ckpt, "_write_safetensors", full)
     with pytest.raises(ckpt.CheckpointError, match="no earlier checkpoint to resume from"):
         ckpt.save_checkpoint(tmp_path / "checkpoints", 1, {"w": torch.ones(2)}, {}, {}, {"epoch": 0, "pos": 1})
     assert list((tmp_path / "checkpoints").iterdir()) == []

@@ -103,9 +103,9 @@ _DISK_FULL = textwrap.dedent("""
     opt = torch.optim.AdamW([p], lr=1e-3)
     p.grad = torch.randn_like(p); opt.step()
     ckpt.save_checkpoint(root, 1, {"p": p.data}, opt.state_dict(), {}, {"epoch": 0, "pos": 1})
-    # From here on no file may grow past 16 KiB: the write fails like a full disk would (EFBIG).
+    # From here on no file may grow past the limit: the write fails like a full disk would (EFBIG).
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), int(sys.argv[2])))
     p.grad = torch.randn_like(p); opt.step()
     try:
         ckpt.save_checkpoint(root, 2, {"p": p.data}, opt.state_dict(), {}, {"epoch": 0, "pos": 2})
@@ -114,15 +114,39 @@ _DISK_FULL = textwrap.dedent("""
 """)
 
 
-def test_disk_full_while_checkpointing_keeps_previous(tmp_path):
+@pytest.mark.parametrize("limit", [16384, 100_000], ids=["weights-file", "optimizer-file"])
+def test_disk_full_while_checkpointing_keeps_previous(tmp_path, limit):
+    # 16 KiB: the 64 KiB safetensors weights fail; 100 KB: they fit, torch.save's ~130 KiB optimizer state fails
     root = tmp_path / "checkpoints"
-    out = subprocess.run([sys.executable, "-c", _DISK_FULL, str(root)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", _DISK_FULL, str(root), str(limit)], capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0, out.stderr
     assert "ERROR:" in out.stdout and "step 2" in out.stdout and "step-00000001 is intact" in out.stdout
+    assert "File too large (errno 27)" in out.stdout, out.stdout
     assert [p.name for p in root.iterdir()] == ["step-00000001"]  # no half-written temp dir left behind
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(root))
     assert state["step"] == 1 and torch.equal(state["weights"]["p"], _first_step_weights())
     assert json.dumps(state["data"]) == '{"epoch": 0, "pos": 1}'
+
+
+def test_checkpoint_streams_to_disk(tmp_path):
+    """Nothing is serialized in memory first: that held 1.5-2x the optimizer state and the weights on top of
+    the training peak (the 7B-shaped run's peak RSS was its checkpoint)."""
+    import tracemalloc
+    p = torch.nn.Parameter(torch.zeros(4 << 20))  # 16 MiB of weights, 32 MiB of AdamW moments
+    opt = torch.optim.AdamW([p])
+    p.grad = torch.ones_like(p)
+    opt.step()
+    tracemalloc.start()
+    try:
+        ckpt.save_checkpoint(tmp_path, 1, {"p": p.data}, opt.state_dict(), {}, {"epoch": 0, "pos": 1})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"{peak / 2**20:.1f} MiB held while writing 48 MiB"
+    state = ckpt.load_checkpoint(tmp_path / "step-00000001")
+    assert torch.equal(state["weights"]["p"], p.data)
+    assert torch.equal(state["optimizer"]["state"][0]["exp_avg_sq"], opt.state[p]["exp_avg_sq"])
 
 
 def _first_step_weights() -> torch.Tensor:
