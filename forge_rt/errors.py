@@ -5,7 +5,9 @@ from __future__ import annotations
 
 
 class ForgeError(Exception):
-    """A problem the user can fix; its message names the thing and the fix."""
+    """A problem the user can fix; its message names the thing and the fix. `reported`: already printed
+    where it was found (a command line then prints only what it adds)."""
+    reported = False
 
 
 class MissingExtra(ForgeError, ImportError):

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except ForgeError as exc:
         left = place.discard_if_empty() if place is not None else ""
-        if not getattr(exc, "reported", False):  # a lost peer is said where it is found
+        if not exc.reported:  # a lost peer is said where it is found
             print(f"error: {exc}{left}", file=sys.stderr)
         elif left:
             print(left.lstrip("; "), file=sys.stderr)

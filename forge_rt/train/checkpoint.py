@@ -44,10 +44,8 @@ def _fsync_path(path: Path) -> None:
 # disk: ENOSPC/EFBIG) still surfaces as OSError, whatever the library made of it.
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    path.write_bytes(data)
+    _fsync_path(path)
 
 
 def _write_torch(path: Path, obj) -> None:
@@ -58,8 +56,7 @@ def _write_torch(path: Path, obj) -> None:
             if isinstance(exc.__context__, OSError):
                 raise exc.__context__ from None
             raise
-        fh.flush()
-        os.fsync(fh.fileno())
+    _fsync_path(path)
 
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
