@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from forge_rt.plan.estimate import HEAP_RETAINED, Estimate, Shapes, estimate
+from forge_rt.plan.estimate import Estimate, Shapes, estimate
 
 # Checkpointing recomputes the decoder's forward, about a third of a step: auto accepts that price,
 # because on the machines forge_rt is for (Orin, a shared server) memory runs out before patience.
@@ -61,6 +61,20 @@ def _candidate(shapes, batch, seq_len, rates, labelled, lora_r, device, ckpt, sp
     return Plan("", ckpt, True, spill_budget, est.total, secs, est.parts, "")
 
 
+def _largest_spill(args: tuple, ckpt: bool, budget: int) -> int:
+    """The largest spill budget whose predicted peak stays within `budget` (0 when none does). Searched over
+    `estimate` itself, which grows with the spill budget, so the room includes every term it adds back (the
+    layer running backward stays in memory on top of the spill budget)."""
+    lo, hi = 0, _candidate(*args, ckpt, None).parts["activations"]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _candidate(*args, ckpt, mid).predicted_peak <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def plan(shapes: Shapes, batch: int, seq_len: int, mode: str = "auto", budget: int | None = None, *,
          rates: dict, labelled_fraction: float = 1.0, lora_r: int = 16, device: str = "cpu") -> Plan:
     if mode not in MODES:
@@ -81,11 +95,9 @@ def plan(shapes: Shapes, batch: int, seq_len: int, mode: str = "auto", budget: i
     else:
         chosen, why = ckpt, f"auto: checkpointing needed to fit the {budget / 2**30:.1f} GiB budget"
     if budget is not None and chosen.predicted_peak > budget:
-        parts = chosen.parts
-        fixed = parts["runtime"] + parts["weights"] + parts["lora_adam"]
-        room = int((budget - fixed) / (1 + HEAP_RETAINED.get(device, 0.0)) - parts["logits"] - parts["workspace"])
-        spilled = _candidate(*args, chosen.checkpointing, max(0, room))  # speed spills without recomputing
-        chosen, why = spilled, why + f"; still over budget: saved activations past {max(0, room) / 2**20:.0f} MiB spill to disk"
+        room = _largest_spill(args, chosen.checkpointing, budget)  # speed spills without recomputing
+        chosen = _candidate(*args, chosen.checkpointing, room)
+        why += f"; still over budget: saved activations past {room / 2**20:.0f} MiB spill to disk"
         if chosen.predicted_peak > budget:
             why += f" (predicted {chosen.predicted_peak / 2**30:.2f} GiB still exceeds the budget)"
     chosen.mode, chosen.reason = mode, why

@@ -104,6 +104,26 @@ def test_modes_choose_as_documented():
         plan(sh, 8, 144, "fast", rates=RATES)
 
 
+@pytest.mark.parametrize("mode", ["auto", "speed", "min"])
+@pytest.mark.parametrize("budget_gib", [1.6, 1.8, 2.0])
+def test_a_spilled_plan_fits_its_budget_with_the_largest_spill(mode, budget_gib):
+    """Over budget a plan spills; its prediction (the estimate itself) is within the budget, and one MiB more
+    kept in memory would not be: the spill room counts every term the estimate adds back."""
+    sh = Shapes(vocab=49152, hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, tied=True)
+    budget = int(budget_gib * 2**30)
+    p = plan(sh, 1, 8192, mode, budget=budget, rates=RATES)
+    assert p.spill_budget is not None and "spill" in p.reason and "exceeds" not in p.reason, p.reason
+    assert p.predicted_peak <= budget, (p.predicted_peak / 2**30, p.reason)
+
+    def peak(spill):
+        return estimate(sh, 1, 8192, checkpointing=p.checkpointing, chunked_loss=True, spill_budget=spill).total
+    assert peak(p.spill_budget) == p.predicted_peak and peak(p.spill_budget + (1 << 20)) > budget
+    # Below the floor (runtime, weights, the layer in backward, logits, workspace) it says it does not fit.
+    floor = peak(0)
+    under = plan(sh, 1, 8192, mode, budget=floor - 1, rates=RATES)
+    assert under.spill_budget == 0 and under.predicted_peak == floor and "still exceeds the budget" in under.reason
+
+
 def test_chunked_loss_is_what_shrinks_long_context():
     sh = Shapes(vocab=49152, hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, tied=True)
     full = estimate(sh, 1, 8192, checkpointing=True, chunked_loss=False)
