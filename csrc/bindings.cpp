@@ -18,6 +18,7 @@ void register_nf4(py::module_& m);
 void register_qlora(py::module_& m);
 void register_paging(py::module_& m);
 void register_testing(py::module_& m);
+void register_kquant(py::module_& m);
 
 static py::dict build_info() {
   py::dict d;
@@ -59,4 +60,5 @@ PYBIND11_MODULE(_C, m) {
   register_qlora(m);
   register_paging(m);
   register_testing(m);
+  register_kquant(m);
 }
