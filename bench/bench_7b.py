@@ -36,7 +36,7 @@ def _peak() -> int:
 
 def phase_load(model: Path, steps: int, seq: int) -> dict:
     import torch
-    from forge_rt.train.model import load_model
+    from forge_rt.models import load_model
     t = time.perf_counter()
     load_model(model, dtype=torch.float32, nf4=True)
     weights = json.loads((model / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
@@ -51,7 +51,7 @@ def _data(path: Path, seq: int) -> Path:
 
 
 def phase_train(model: Path, steps: int, seq: int) -> dict:
-    from forge_rt import train
+    from forge_rt.cli import train
     run, data = model.parent / "run", _data(model.parent / "data.jsonl", seq)
     rc = train.main(["--model", str(model), "--data", str(data), "--output", str(run), "--no-eval", "--no-live",
                      "--max-steps", str(steps), "--batch-size", "1", "--max-len", str(seq), "--lora-r", "16",

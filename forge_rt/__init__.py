@@ -11,19 +11,19 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 # Submodules and functions are imported on first use so `import forge_rt` stays light.
-_SUBMODULES = ("nf4", "ops", "backend", "kernels", "nn", "pager", "monitor", "sovereign", "plan", "train", "export",
-               "generate", "errors")
+_SUBMODULES = ("core", "nf4", "ops", "kernels", "nn", "pager", "monitor", "sovereign", "plan", "train", "export",
+               "generate")
 _FUNCTIONS = {
     "quantize_model": "forge_rt.nn.nf4_linear",
     "accelerate": "forge_rt.nn.peft",
     "paging": "forge_rt.pager",
     "merge": "forge_rt.export.merge",
-    "ForgeError": "forge_rt.errors",
+    "ForgeError": "forge_rt.core.errors",
 }
 
 if TYPE_CHECKING:  # editors and type checkers see the lazy names
-    from forge_rt import backend, errors, export, generate, kernels, monitor, nf4, nn, ops, pager, plan, sovereign, train
-    from forge_rt.errors import ForgeError
+    from forge_rt import core, export, generate, kernels, monitor, nf4, nn, ops, pager, plan, sovereign, train
+    from forge_rt.core.errors import ForgeError
     from forge_rt.export.merge import merge
     from forge_rt.nn.nf4_linear import quantize_model
     from forge_rt.nn.peft import accelerate

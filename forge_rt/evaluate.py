@@ -1,8 +1,7 @@
-"""`python -m forge_rt.evaluate --gguf FILE [--lora FILE]`: the held-out benchmark scored in llama.cpp, on
-exactly what is deployed (forge_rt.export.evaluate_gguf). The PyTorch evaluation is forge_rt.train.evaluate."""
+"""`python -m forge_rt.evaluate`: the held-out score of an exported GGUF, measured in llama.cpp (forge_rt.cli.evaluate)."""
 import sys
 
-from forge_rt.export.evaluate_gguf import main
+from forge_rt.cli.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main())

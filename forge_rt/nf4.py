@@ -12,9 +12,8 @@ from functools import lru_cache
 
 import torch
 
-from forge_rt._native import require_native as _require_native
-from forge_rt.backend import select
-from forge_rt.errors import ForgeError
+from forge_rt.core.native import require_native as _require_native
+from forge_rt.core.errors import ForgeError
 
 QUANT_TYPES = {"nf4": 0, "fp4": 1}
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -228,20 +227,15 @@ def quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = Tru
 
 
 def dequantize(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The full-precision weight (shape `w.shape`, dtype `dtype` or the original dtype)."""
+    """The full-precision weight (shape `w.shape`, dtype `dtype` or the original dtype), decoded by the
+    C++ (CPU) or CUDA code of forge_rt._C. `forge_rt.ops.dequantize` is the same decode dispatched over
+    every backend (reference, Triton) by forge_rt.core.backend.select."""
     dtype = dtype or w.dtype
-    which = select(w.packed, ("reference", "cpu", "triton", "cuda"))
-    if which == "triton":
-        from forge_rt.kernels import nf4_triton
-        return nf4_triton.dequantize(w, dtype)
-    if which == "reference":
-        from forge_rt.kernels import nf4_reference
-        return nf4_reference.dequantize(w, dtype)
     packed = w.packed.contiguous()
     n = w.numel
     absmax = w.absmax_fp32().contiguous()
     qt = QUANT_TYPES[w.quant_type]
-    if which == "cuda":
+    if packed.is_cuda:
         out = torch.empty(n, dtype=torch.float32, device=packed.device)
         stream = torch.cuda.current_stream(packed.device).cuda_stream
         _require_native().nf4_dequantize_cuda(packed.data_ptr(), absmax.data_ptr(), n, w.blocksize, qt,

@@ -20,7 +20,7 @@ def smollm2():
     """(model, tokenizer) of the shipped SmolLM2-135M-Instruct, fp32, loaded once. Don't mutate it:
     use `fresh_smollm2` for a private copy."""
     import torch
-    from forge_rt.train.model import load_model
+    from forge_rt.models import load_model
     return load_model(dtype=torch.float32)
 
 
@@ -34,7 +34,7 @@ def fresh_smollm2(smollm2):
 def smol_tok():
     """SmolLM2's tokenizer, read from the shipped GGUF without loading the model."""
     from transformers import AutoTokenizer
-    from forge_rt.train.model import default_gguf_path
+    from forge_rt.models import default_gguf_path
     path = default_gguf_path()
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     if tok.pad_token is None:

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from forge_rt._native import native
-from forge_rt import backend
+from forge_rt.core.native import native
+from forge_rt.core import backend
 
 
 def test_extension_loads():

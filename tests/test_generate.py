@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from forge_rt import generate, nf4, train
+from forge_rt import nf4
+from forge_rt.cli import generate, train
 from forge_rt.testing import make_tiny_model_dir, tiny_args, tiny_rows, write_jsonl
 
 

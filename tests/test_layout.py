@@ -24,11 +24,11 @@ def test_public_names_import(name):
 
 
 def test_every_domain_error_derives_from_forge_error():
-    from forge_rt.errors import ForgeError
+    from forge_rt.core.errors import ForgeError
     for mod, names in {"forge_rt.nf4": ["NF4Error"], "forge_rt.pager": ["PagingError"],
-                       "forge_rt.train.config": ["ConfigError"], "forge_rt.train.data": ["DataError"],
-                       "forge_rt.train.model": ["ModelLoadError", "RunDirError"],
-                       "forge_rt.train.checkpoint": ["CheckpointError"], "forge_rt.train.run": ["RunError"],
+                       "forge_rt.train.config": ["ConfigError"], "forge_rt.data": ["DataError"],
+                       "forge_rt.models": ["ModelLoadError", "RunDirError", "TargetError"],
+                       "forge_rt.train.checkpoint": ["CheckpointError"], "forge_rt.train.place": ["RunError"],
                        "forge_rt.sovereign.scrub": ["ScrubError"], "forge_rt.sovereign.seal": ["SealError"],
                        "forge_rt.sovereign.passphrase": ["PassphraseError"],
                        "forge_rt.sovereign": ["EgressBlocked"]}.items():

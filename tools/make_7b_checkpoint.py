@@ -70,7 +70,7 @@ def write_checkpoint(out: Path, hidden: int, intermediate: int, layers: int, hea
 
 def smollm2_tokenizer():
     from transformers import AutoTokenizer
-    from forge_rt.train.model import default_gguf_path
+    from forge_rt.models import default_gguf_path
     path = default_gguf_path()
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     tok.pad_token = tok.pad_token or tok.eos_token

@@ -3,7 +3,7 @@
 The rules in `triage()` define the right answer; everything else only samples readings so that each
 fault code is well represented. Deterministic for a given seed:
 
-    python tools/make_demo_data.py            # rewrites forge_rt/train/demo/train.jsonl and eval.jsonl
+    python tools/make_demo_data.py            # rewrites forge_rt/data/demo/train.jsonl and eval.jsonl
     python tools/make_demo_data.py --check    # fails if the shipped files differ from a regeneration
 
 Rules, first match wins (SHUTDOWN rules before INSPECT rules):
@@ -25,7 +25,7 @@ import random
 import sys
 from pathlib import Path
 
-DEMO_DIR = Path(__file__).resolve().parent.parent / "forge_rt" / "train" / "demo"
+DEMO_DIR = Path(__file__).resolve().parent.parent / "forge_rt" / "data" / "demo"
 N_TRAIN = 623
 N_EVAL = 200
 SEED = 20261122

@@ -42,7 +42,7 @@ def _version(dist: str) -> str | None:
 def cpu() -> dict:
     info = _read("/proc/cpuinfo") or ""
     model = re.search(r"^(model name|Hardware|CPU part)\s*:\s*(.+)$", info, re.M)
-    from forge_rt._native import native
+    from forge_rt.core.native import native
     mod = native()
     return {"model": model.group(2) if model else platform.processor() or platform.machine(),
             "arch": platform.machine(), "flags": cpu_features(),

@@ -17,7 +17,7 @@ TINY_SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_att
 def build(kind: str, layers: int, batch: int, seq: int, dtype=torch.float32):
     """(model, input ids): kind "smollm2" (the shipped weights, prose), "smollm2-shape" or "tiny" (random)."""
     if kind == "smollm2":
-        from forge_rt.train.model import load_model
+        from forge_rt.models import load_model
         model, tok = load_model(dtype=torch.float32)
         return cut_layers(model, layers).to(dtype), prose_ids(tok, batch, seq)
     from transformers import LlamaConfig, LlamaForCausalLM

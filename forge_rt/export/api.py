@@ -7,8 +7,11 @@ from pathlib import Path
 
 import torch
 
-from . import manifest
-from .atomic import OutputExistsError, atomic_path, check_target
+from forge_rt.core.atomic import OutputExistsError, atomic_path, check_target
+from forge_rt.models.paths import model_config
+
+from .manifest import build as build_manifest
+from .manifest import write as write_manifest
 from .gguf_common import check_hf_arch, check_quant
 from .gguf_lora import check_lora_quant, write_gguf_lora
 from .gguf_model import write_gguf
@@ -51,9 +54,10 @@ def export_run(run=None, targets: dict | None = None, *, adapter=None, model=Non
     targets = {k: Path(v) for k, v in (targets or {}).items()}
     _check(targets, quant, dtype, overwrite)
     src = resolve(run, adapter, model)
+    if quant is not None and {"gguf", "gguf-base"} & set(targets):
+        check_quant(quant, model_config(src.model))  # rows no block type takes: said before the long load
     if not src.base_is_gguf and {"gguf", "gguf-lora", "gguf-base"} & set(targets):
-        from transformers import AutoConfig
-        check_hf_arch(AutoConfig.from_pretrained(src.model).model_type)
+        check_hf_arch(model_config(src.model).model_type)
     peft_model, tok = load(src, passphrase_file)
     source_gguf = src.model if src.base_is_gguf else None
     records = []
@@ -67,9 +71,9 @@ def export_run(run=None, targets: dict | None = None, *, adapter=None, model=Non
         except OSError as exc:
             raise ExportError(f"writing {out} failed: {exc.strerror or exc}; nothing was left under that name") from None
         q = quant or DEFAULT_QUANT.get(kind)
-        rec = manifest.build(kind, out, src, q if kind != "hf" else None, dtype if kind == "hf" else None,
+        rec = build_manifest(kind, out, src, q if kind != "hf" else None, dtype if kind == "hf" else None,
                              time.perf_counter() - t0, **extra)
-        rec["manifest"] = str(manifest.write(rec, out))
+        rec["manifest"] = str(write_manifest(rec, out))
         records.append(rec)
 
     if "gguf-lora" in targets:  # before the merge, which folds the adapter away

@@ -7,6 +7,8 @@ import os
 import time
 from pathlib import Path
 
+from forge_rt.core.atomic import write_atomic
+
 
 def sha256(path: os.PathLike) -> str:
     h = hashlib.sha256()
@@ -47,8 +49,4 @@ def build(kind: str, out: Path, src, quant: str | None, dtype: str | None, secon
 
 
 def write(record: dict, out: Path) -> Path:
-    path = manifest_path(out)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(manifest_path(out), json.dumps(record, indent=2) + "\n")

@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from forge_rt.errors import ForgeError
-
-from ._forge import NF4Linear, NF4Weight, dequantize
+from forge_rt.core.errors import ForgeError
+from forge_rt.nf4 import NF4Weight
+from forge_rt.nn import NF4Linear
+from forge_rt.ops import dequantize
 
 
 class MergeError(ForgeError, ValueError):

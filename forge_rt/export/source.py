@@ -4,22 +4,14 @@ All checks that need no model run first (`resolve`), so bad input fails before a
 then rebuilds the adapted model as the run trained it (NF4 base unless the run used --no-fused)."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from forge_rt.errors import ForgeError
-
-from ._forge import (
-    ModelLoadError,
-    TrainConfig,
-    check_model_path,
-    default_gguf_path,
-    load_model,
-    quantize_model,
-    run_identity,
-    seal,
-)
+from forge_rt.core.errors import ForgeError
+from forge_rt.models import LoraSpec, ModelLoadError, RunDir, RunDirError, build_model, check_model_path, default_gguf_path
+from forge_rt.models.load import load_model
+from forge_rt.models.rundir import load_tokenizer
+from forge_rt.sovereign import seal
 
 
 class ExportError(ForgeError, RuntimeError):
@@ -47,28 +39,20 @@ def resolve(run=None, adapter=None, model=None) -> Source:
     """The export's inputs, checked: a run dir (its config names the base), or --adapter [--model]."""
     if run is None and adapter is None:
         raise ExportError("pass a run directory, or --adapter DIR (with --model PATH for its base)")
-    cfg, tok_dir = TrainConfig(), None
-    if run is not None:
-        run = Path(run)
-        if not (run / "config.json").is_file():
-            raise ExportError(f"{run} has no config.json; pass a run directory written by python -m forge_rt.train")
-        cfg = TrainConfig(**json.loads((run / "config.json").read_text()))
-        tok_dir = run / "tokenizer" if (run / "tokenizer").is_dir() else None
-        if adapter is None:
-            adapter = run / "adapter" if (run / "adapter").is_dir() else run / "adapter.sealed"
-            if not (adapter.is_file() or (adapter / "adapter_config.json").is_file()):
-                raise ExportError(f"{run} has no adapter/ or adapter.sealed (the run did not finish?); resume it "
-                                  f"with python -m forge_rt.train --resume {run}")
-    adapter = Path(adapter)
-    if adapter.is_dir() and not (adapter / "adapter_config.json").is_file():
-        raise ExportError(f"{adapter} has no adapter_config.json; pass a PEFT adapter directory or an adapter.sealed file")
-    if not adapter.exists():
-        raise ExportError(f"adapter {adapter} does not exist")
+    rd = None
     try:
-        base = check_model_path(model or cfg.model or default_gguf_path())
-    except ModelLoadError as exc:
+        if run is not None:
+            rd = RunDir(run)
+            adapter = adapter or rd.adapter()
+        adapter = Path(adapter)
+        if adapter.is_dir() and not (adapter / "adapter_config.json").is_file():
+            raise ExportError(f"{adapter} has no adapter_config.json; pass a PEFT adapter directory or an adapter.sealed file")
+        if not adapter.exists():
+            raise ExportError(f"adapter {adapter} does not exist")
+        base = check_model_path(model or (rd.model if rd else None) or default_gguf_path())
+    except (ModelLoadError, RunDirError) as exc:
         raise ExportError(str(exc)) from None
-    return Source(run, adapter, base, cfg.no_fused, tok_dir)
+    return Source(rd.path if rd else None, adapter, base, not rd.fused if rd else False, rd.tokenizer if rd else None)
 
 
 def _check_fits(base, adapter_dir: Path, model_path: Path) -> None:
@@ -95,8 +79,6 @@ def _check_fits(base, adapter_dir: Path, model_path: Path) -> None:
 
 def load(src: Source, passphrase_file=None):
     """(PEFT model, tokenizer) of the source, adapter loaded (a sealed one decrypted in memory)."""
-    from peft import PeftModel
-
     phrase = None
     if src.sealed:  # asked before the base model loads (it takes a while)
         try:
@@ -109,19 +91,17 @@ def load(src: Source, passphrase_file=None):
     except ModelLoadError as exc:
         raise ExportError(str(exc)) from None
     if src.tokenizer is not None:
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(src.tokenizer)
+        tok = load_tokenizer(src.tokenizer)
     if not src.sealed:
         _check_fits(base, src.adapter, src.model)
-    if not src.no_fused:
-        base = quantize_model(base)
+    # a sealed adapter from a run directory must be that run's own (the identity recorded at sealing)
+    binding = RunDir(src.run).identity() if src.sealed and src.run is not None else None
+    spec = LoraSpec(fused=not src.no_fused)  # the adapter's own config gives rank and targets
     try:
         if src.sealed:
-            # a sealed adapter from a run directory must be that run's own (the identity recorded at sealing)
-            binding = run_identity(src.run) if src.run is not None else None
-            model = seal.load_peft(base, src.adapter, phrase, binding=binding)
+            model = build_model(base, spec, sealed=src.adapter, passphrase=phrase, binding=binding)
         else:
-            model = PeftModel.from_pretrained(base, src.adapter)
+            model = build_model(base, spec, adapter_dir=src.adapter)
     except seal.SealError as exc:
         raise ExportError(str(exc)) from None
     except (RuntimeError, ValueError) as exc:  # PEFT: size mismatch / target modules not found

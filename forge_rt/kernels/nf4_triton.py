@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from forge_rt.backend import FLOAT_DTYPES
+from forge_rt.core.backend import FLOAT_DTYPES
 from forge_rt.nf4 import NESTED_BLOCKSIZE
 
 

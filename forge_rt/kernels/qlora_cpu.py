@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from forge_rt._native import require_native
+from forge_rt.core.native import require_native
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -6,7 +6,7 @@ backward_input:  gx = g @ dequant(W)   + scaling * gb @ A
 Each is one kernel: NF4 is decoded tile by tile inside the reduction loop (never a full-precision W;
 backward reads W^T from the same packed bytes by indexing, no transposed copy), fp32 accumulation,
 the LoRA term and bias in the epilogue, output in x's dtype. A double-quantized absmax is decoded in
-the kernel too (see nf4_triton). The LoRA product runs in the dtype of xa / gb (ops.py computes them
+the kernel too (see nf4_triton). The LoRA product runs in the dtype of xa / gb (ops/qlora.py computes them
 in the adapter's dtype, often fp32 under an fp16/bf16 base model), reducing the rank in chunks of a
 power of two >= 16 (tl.dot's minimum) with masks, so any rank works.
 
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from forge_rt.backend import FLOAT_DTYPES
+from forge_rt.core.backend import FLOAT_DTYPES
 # LoRA dropout on GPUs: the torch ops of the reference (the same mask as every backend)
 from forge_rt.kernels.dropout_reference import dropout  # noqa: F401,E402
 from forge_rt.kernels.nf4_triton import code_on, nf4_tile, scale_args

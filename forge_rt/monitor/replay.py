@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from forge_rt.errors import require_extra
+from forge_rt.core.errors import require_extra
 
 with require_extra("monitor", "the MemoryMap replay (forge_rt.monitor)"):
     from rich.console import Console

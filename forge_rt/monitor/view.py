@@ -9,7 +9,7 @@ import collections
 import contextlib
 import threading
 
-from forge_rt.errors import require_extra
+from forge_rt.core.errors import require_extra
 
 with require_extra("monitor", "the MemoryMap panel (forge_rt.monitor)"):
     from rich.console import Console, Group

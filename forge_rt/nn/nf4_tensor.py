@@ -23,7 +23,7 @@ import copy
 import torch
 from torch.utils._pytree import tree_map_only
 
-from forge_rt import nf4
+from forge_rt import nf4, ops
 
 _aten = torch.ops.aten
 _ALIASES = (_aten.detach.default, _aten.alias.default)
@@ -63,7 +63,7 @@ class NF4Tensor(torch.Tensor):
         """The weight's values as an ordinary tensor of this dtype."""
         if self.dense is not None:
             return self.dense.to(self.dtype)
-        return nf4.dequantize(self.nf4, self.dtype)
+        return ops.dequantize(self.nf4, self.dtype)
 
     def __repr__(self):
         w = self.nf4

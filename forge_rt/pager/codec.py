@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from forge_rt._native import require_native
-from forge_rt.errors import ForgeError
+from forge_rt.core.native import require_native
+from forge_rt.core.errors import ForgeError
 
 
 class PagingError(ForgeError, RuntimeError):

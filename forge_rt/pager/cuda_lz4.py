@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from forge_rt._native import native
+from forge_rt.core.native import native
 from forge_rt.pager.codec import PagingError
 
 CHUNK_BYTES = 65536

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from forge_rt._native import require_native
+from forge_rt.core.native import require_native
 from forge_rt.pager.codec import PagingError
 
 _FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from forge_rt.errors import ForgeError
+from forge_rt.core.errors import ForgeError
 
 GiB = 1 << 30
 # Measured RSS of `import torch, transformers, peft` plus forge_rt's extension, on this CPU box.

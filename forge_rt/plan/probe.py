@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from forge_rt.core.atomic import write_atomic
+
 CACHE = Path(os.environ.get("FORGE_RT_CACHE", Path.home() / ".cache" / "forge_rt")) / "probe.json"
 
 
@@ -68,7 +70,7 @@ def probe(spill_dir: str | None = None, refresh: bool = False) -> dict:
     cache[key] = rates
     try:
         CACHE.parent.mkdir(parents=True, exist_ok=True)
-        CACHE.write_text(json.dumps(cache, indent=1))
+        write_atomic(CACHE, json.dumps(cache, indent=1))
     except OSError:
         pass  # a read-only home only costs the next run a new probe
     return rates

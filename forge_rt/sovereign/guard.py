@@ -24,7 +24,7 @@ import threading
 import traceback
 from dataclasses import dataclass, field
 
-from forge_rt.errors import ForgeError
+from forge_rt.core.errors import ForgeError
 
 log = logging.getLogger("forge_rt.sovereign")
 

@@ -18,7 +18,7 @@ import struct
 import subprocess
 import sys
 
-from forge_rt.errors import ForgeError
+from forge_rt.core.errors import ForgeError
 
 ENV = "FORGE_RT_ISOLATED"   # set in the isolated child, so it does not isolate itself again
 CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000

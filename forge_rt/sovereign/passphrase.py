@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from forge_rt.errors import ForgeError
+from forge_rt.core.errors import ForgeError
 
 PASSPHRASE_ENV = "FORGE_RT_PASSPHRASE"
 

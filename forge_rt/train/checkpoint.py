@@ -20,7 +20,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from forge_rt.errors import ForgeError
+from forge_rt.core.atomic import fsync_path
+from forge_rt.core.errors import ForgeError
 
 _NAME = re.compile(r"step-(\d{8})")
 _TMP = re.compile(r"\.tmp-step-\d{8}-\d+")
@@ -31,21 +32,13 @@ class CheckpointError(ForgeError, RuntimeError):
     pass
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # Each file streams straight to disk: serializing in memory first held 1.5-2x the optimizer state and the
 # weights on top of training's peak (the 7B-shaped run's peak was its checkpoint). A failed write (full
 # disk: ENOSPC/EFBIG) still surfaces as OSError, whatever the library made of it.
 
 def _write_bytes(path: Path, data: bytes) -> None:
     path.write_bytes(data)
-    _fsync_path(path)
+    fsync_path(path)
 
 
 def _write_torch(path: Path, obj) -> None:
@@ -56,7 +49,7 @@ def _write_torch(path: Path, obj) -> None:
             if isinstance(exc.__context__, OSError):
                 raise exc.__context__ from None
             raise
-    _fsync_path(path)
+    fsync_path(path)
 
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -67,7 +60,7 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         if code is None:
             raise
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from None
-    _fsync_path(path)
+    fsync_path(path)
 
 
 def capture_rng() -> dict:
@@ -93,11 +86,11 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], opt
         _write_torch(tmp / "state.pt", {"optimizer": optimizer, "scheduler": scheduler, "torch_rng": rng["torch"]})
         _write_bytes(tmp / "progress.json", json.dumps(
             {"step": step, "data": data_state, "python_rng": _py_rng_to_json(rng["python"])}).encode())
-        _fsync_path(tmp)
+        fsync_path(tmp)
         if final.exists():  # re-checkpointing the same step (e.g. interrupt right after a periodic save)
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_path(root)
+        fsync_path(root)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         prev = latest_checkpoint(root)

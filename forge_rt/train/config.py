@@ -14,7 +14,9 @@ from typing import Any
 
 import yaml
 
-from forge_rt.errors import ForgeError
+from forge_rt.core.atomic import write_atomic
+from forge_rt.core.errors import ForgeError
+from forge_rt.models.build import LoraSpec
 from forge_rt.plan.estimate import SizeError, parse_bytes  # noqa: F401 (parse_bytes re-exported)
 
 
@@ -109,6 +111,10 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    def lora_spec(self) -> LoraSpec:
+        return LoraSpec(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                        target_modules=self.target_modules, fused=not self.no_fused)
 
 
 # Smallest accepted value of each numeric knob, and why (for the error message).
@@ -258,4 +264,4 @@ def check_resume_changes(saved: dict[str, Any], requested: dict[str, Any], resum
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:
-    path.write_text(cfg.to_json() + "\n")
+    write_atomic(path, cfg.to_json() + "\n", mode=0o600)

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-from forge_rt.errors import ForgeError
+from forge_rt.core.errors import ForgeError
 from forge_rt.monitor.sources import process_rss, reset_peak_rss
 from forge_rt.pager.heap import trim_heap
 from forge_rt.train import checkpoint as ckpt
 from forge_rt.train.config import TrainConfig
 from forge_rt.train.console import Progress, Stop
-from forge_rt.train.distributed import SINGLE, Dist, labelled_tokens
+from forge_rt.core.dist import SINGLE, Dist, labelled_tokens
 
 
 class DivergenceError(ForgeError, RuntimeError):
@@ -99,7 +99,7 @@ def _mark(monitor, phase: str, step: int | None = None) -> None:
 
 def _batch(tok_data, indices: list[int]) -> tuple[dict, int]:
     """(collated batch, number of real tokens in it)."""
-    from forge_rt.train.data import collate
+    from forge_rt.data import collate
     items = [tok_data[i] for i in indices]
     return collate(items, tok_data.pad_token_id), sum(len(it["input_ids"]) for it in items)
 

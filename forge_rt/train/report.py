@@ -6,6 +6,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from forge_rt.core.atomic import write_atomic
+
 EVAL_KEYS = ("score", "exact", "field_acc", "valid_json", "ppl_retention")
 
 
@@ -170,5 +172,5 @@ def _memory_plan_lines(plan: dict | None, pre: int | None) -> list[str]:
 
 
 def write_run_report(run: Path, metrics: dict, records: list[dict]) -> None:
-    (run / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-    (run / "report.md").write_text(render_markdown(metrics, plot(records, run) + plot_memory_map(run)))
+    write_atomic(run / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n", mode=0o600)
+    write_atomic(run / "report.md", render_markdown(metrics, plot(records, run) + plot_memory_map(run)), mode=0o600)

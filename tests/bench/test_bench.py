@@ -1,5 +1,5 @@
 """python -m forge_rt.bench: a tiny suite end to end (record, table), --compare flagging a regression, the
-README block equal to what the committed record renders, the step family's child, and tools/gpu_check.sh
+NOTES.md suite block equal to what the committed records render, the step family's child, and tools/gpu_check.sh
 --dry-run (wheels, build flags, test selection) without a GPU."""
 import copy
 import json
@@ -53,24 +53,27 @@ def test_compare_flags_a_regression_beyond_noise(tiny_record, tmp_path):
     assert record.compare(a, a)[1] == 0
 
 
-def test_readme_block_is_what_the_committed_record_renders():
-    """README's suite block and bench/results/suite-*.json cannot drift: rerun `python -m forge_rt.bench --readme`."""
-    assert record.readme_current(ROOT / "README.md") == record.readme_block(ROOT / "bench" / "results")
+def test_notes_block_is_what_the_committed_records_render():
+    """NOTES.md's suite block and bench/results/suite-*.json cannot drift: rerun `python -m forge_rt.bench --notes`."""
+    results = ROOT / "bench" / "results"
+    assert record.notes_current(results / "NOTES.md") == record.notes_block(results)
 
 
-def test_readme_rewrite_renders_the_newest_record(tiny_record, tmp_path):
+def test_notes_rewrite_renders_the_newest_record(tiny_record, tmp_path):
     results = tmp_path / "results"
     results.mkdir()
     (results / tiny_record.name).write_text(tiny_record.read_text())
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{record.README_BEGIN}\nstale\n{record.README_END}\nrest\n")
-    assert record.rewrite_readme(readme, results)
-    text = readme.read_text()
+    notes = results / "NOTES.md"
+    notes.write_text(f"intro\n{record.BLOCK_BEGIN}\nstale\n{record.BLOCK_END}\nrest\n")
+    proc = subprocess.run([sys.executable, "-m", "forge_rt.bench", "--notes", "--results", str(results)],
+                          capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 0 and "rewritten" in proc.stdout, proc.stderr[-2000:]
+    text = notes.read_text()
     assert "stale" not in text and tiny_record.name in text and text.endswith("rest\n")
-    assert not record.rewrite_readme(readme, results)
+    assert not record.rewrite_notes(notes, results)
 
 
-def test_readme_shows_each_familys_newest_record(tiny_record, tmp_path):
+def test_notes_show_each_familys_newest_record(tiny_record, tmp_path):
     old = record.load(tiny_record)
     new = copy.deepcopy(old)
     new["rows"] = [dict(r, value=r["value"] * 7 + 1234.5) for r in new["rows"] if r["family"] == "nf4"]
@@ -79,7 +82,7 @@ def test_readme_shows_each_familys_newest_record(tiny_record, tmp_path):
     results.mkdir()
     record.save(old, results / "suite-20260101T000000-quick-cpu.json")
     record.save(new, results / "suite-20260102T000000-quick-cpu.json")
-    block = record.readme_block(results)
+    block = record.notes_block(results)
     assert "suite-20260101T000000" in block and "suite-20260102T000000" in block
     shown = [line for line in block.splitlines() if line.startswith("| nf4 |")]
     assert shown and all(line in record.markdown(new) for line in shown)  # only the newer nf4 rows

@@ -17,7 +17,7 @@ from conftest import PASSPHRASE, make_run
 from forge_rt.export import ExportError, export_run, merge
 from forge_rt.export.__main__ import main as export_main
 from forge_rt.export.gguf_common import to_llamacpp_rows
-from forge_rt.generate import load_run
+from forge_rt.models import load_run
 
 IDS = torch.tensor([[1, 513, 2045, 77, 9000, 12, 4, 300, 301, 30000], [2, 3, 4, 5, 6, 7, 8, 9, 10, 11]])
 
@@ -281,7 +281,7 @@ def test_sealed_adapter(tiny_model, smol_tok, tmp_path, monkeypatch, capsys):
 def test_sealed_adapter_of_another_run_is_refused(tiny_model, smol_tok, tmp_path, monkeypatch, capsys):
     """A run directory holding another run's sealed adapter (bound at sealing to that run) is not exported."""
     from forge_rt.sovereign import seal
-    from forge_rt.train.model import run_identity
+    from forge_rt.models import run_identity
     run = make_run(tmp_path / "run", tiny_model, smol_tok, seal_phrase=PASSPHRASE)
     other = make_run(tmp_path / "other", tiny_model, smol_tok)
     (other / "run_id").write_text("another run\n")

@@ -12,10 +12,10 @@ from conftest import make_run
 from forge_rt.export import export_run, merge
 from forge_rt.export.gguf_common import to_llamacpp_rows
 from forge_rt.export.gguf_model import write_gguf
-from forge_rt.generate import load_run
+from forge_rt.models import load_run
 
 pytest.importorskip("xllamacpp")
-from forge_rt.export.llamacpp import LlamaCppEngine, evaluate_gguf  # noqa: E402
+from forge_rt.eval.llamacpp import LlamaCppEngine, evaluate_gguf  # noqa: E402
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["Reading 3: temperature 61 C. Verdict?", "What is the capital of France?", "Say hello.",
@@ -68,7 +68,7 @@ def test_smollm2_gguf_in_gguf_out(smollm2, tmp_path):
     merged and adapter exports answering in llama.cpp like PyTorch."""
     from peft import LoraConfig, get_peft_model
     from forge_rt import quantize_model
-    from forge_rt.train.model import default_gguf_path
+    from forge_rt.models import default_gguf_path
     src = default_gguf_path()
     model, tok = smollm2
     reader = gguf.GGUFReader(src)
@@ -112,7 +112,7 @@ def test_smollm2_gguf_in_gguf_out(smollm2, tmp_path):
 
 
 def test_evaluate_gguf_scores_with_forge_rt_scoring(tiny_run, tmp_path):
-    from forge_rt.export.evaluate_gguf import main
+    from forge_rt.cli.evaluate import main
     out = tmp_path / "m.gguf"
     export_run(tiny_run, {"gguf": out}, quant="q8_0")
     rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": '{"status": "OK"}'}]}

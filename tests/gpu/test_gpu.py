@@ -41,7 +41,7 @@ def test_triton_qlora_kernels_compiled_match_reference(m, n, k, r, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("blocksize", [64, 128])
 def test_triton_and_cuda_nf4_dequant_match_the_cpu_decode(monkeypatch, dtype, blocksize):
-    from forge_rt import backend
+    from forge_rt.core import backend
     from forge_rt.kernels import nf4_triton
     w = nf4.quantize(torch.randn(70, 130, generator=torch.Generator().manual_seed(0)), blocksize, True)
     ref = nf4.dequantize(w).float()  # C++ decode on the CPU

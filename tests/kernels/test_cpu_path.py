@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from forge_rt import nf4
-from forge_rt._native import require_native
+from forge_rt.core.native import require_native
 from forge_rt.kernels import qlora_cpu
 from forge_rt.pager import TensorCodec
 from forge_rt.testing import cpu_path, on_both_paths
@@ -39,7 +39,7 @@ def test_unknown_or_missing_path_is_refused():
 
 
 def test_env_var_selects_the_path_at_load():
-    code = ("from forge_rt._native import native, native_error; m = native(); "
+    code = ("from forge_rt.core.native import native, native_error; m = native(); "
             "print(m.cpu_features()['selected'] if m else native_error())")
     run = lambda value: subprocess.run([sys.executable, "-c", code], env={**os.environ, "FORGE_RT_CPU_PATH": value},  # noqa: E731
                                        capture_output=True, text=True, check=True).stdout

@@ -5,7 +5,7 @@ Bernoulli(1 - p) draws: the drop rate, no correlation between neighbours, a new 
 import pytest
 import torch
 
-from forge_rt._native import require_native
+from forge_rt.core.native import require_native
 from forge_rt.kernels import dropout_reference as ref
 from forge_rt.kernels import qlora_cpu
 from forge_rt.testing import on_both_paths

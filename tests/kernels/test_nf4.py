@@ -5,8 +5,8 @@ import torch
 
 bnbF = pytest.importorskip("bitsandbytes.functional")
 
-from forge_rt import nf4  # noqa: E402
-from forge_rt._native import require_native as native  # noqa: E402
+from forge_rt import nf4, ops  # noqa: E402
+from forge_rt.core.native import require_native as native  # noqa: E402
 
 SHAPES = [(3, 5), (1, 1), (257, 129), (64, 128), (7,)]
 
@@ -200,14 +200,14 @@ def test_cuda_dequant_matches_cpu():
 
 @pytest.mark.parametrize("forced", ["reference", "cpu", "triton"])
 def test_dequantize_agrees_across_backends(monkeypatch, forced):
-    # Each backend of nf4.dequantize against bitsandbytes' own dequantization of the same bytes.
+    # Each backend of ops.dequantize against bitsandbytes' own dequantization of the same bytes.
     import bitsandbytes.functional as bnbf
     w = torch.randn(70, 130)
     q = nf4.quantize(w, blocksize=64, double_quant=True)
     packed, state = q.to_bnb()
     want = bnbf.dequantize_4bit(packed, state)
     monkeypatch.setenv("FORGE_RT_BACKEND", forced)
-    torch.testing.assert_close(nf4.dequantize(q), want, rtol=0, atol=0)
+    torch.testing.assert_close(ops.dequantize(q), want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])

@@ -8,6 +8,7 @@ import torch
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
 from forge_rt import nf4, ops  # noqa: E402
+from forge_rt.ops import qlora  # noqa: E402
 from forge_rt.kernels import qlora_cpu  # noqa: E402
 
 
@@ -238,10 +239,10 @@ def test_qlora_custom_ops_pass_opcheck(lora):
     x = torch.randn(2, 3, 64, requires_grad=True)
     A = torch.randn(4, 64, requires_grad=True) if lora else None
     B = torch.randn(48, 4, requires_grad=True) if lora else None
-    backend_name = ops._qlora_backend(x.device)
+    backend_name = qlora._qlora_backend(x.device)
     torch.library.opcheck(torch.ops.forge_rt.qlora_linear.default,
-                          (x, *ops._w_parts(w), A, B, None, 0.5, 0.0, -1, backend_name))
+                          (x, *qlora._w_parts(w), A, B, None, 0.5, 0.0, -1, backend_name))
     g = torch.randn(6, 48)
     gb, A = (g @ B.detach(), A.detach()) if lora else (None, None)  # a backward helper: not differentiable
     torch.library.opcheck(torch.ops.forge_rt.qlora_backward_input.default,
-                          (g, *ops._w_parts(w), gb, A, 0.5, backend_name))
+                          (g, *qlora._w_parts(w), gb, A, 0.5, backend_name))

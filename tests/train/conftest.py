@@ -2,7 +2,7 @@
 import pytest
 
 from forge_rt.testing import make_tiny_model_dir, tiny_rows, write_jsonl
-from forge_rt.train import model as model_load
+from forge_rt import models as model_load
 
 
 @pytest.fixture(scope="module")

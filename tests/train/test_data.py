@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from forge_rt.train.data import DataError, collate, demo_paths, load_examples, tokenize_examples
+from forge_rt.data import DataError, collate, demo_paths, load_examples, tokenize_examples
 
 ROOT = Path(__file__).resolve().parents[2]
 

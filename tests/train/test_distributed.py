@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from forge_rt import train
+from forge_rt.cli import train
 from forge_rt.testing import make_tiny_model_dir, rel_err, tiny_args, tiny_rows, write_jsonl
-from forge_rt.train import distributed
+from forge_rt.core import dist as distributed
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from forge_rt.train.data import demo_paths, load_examples, prompt_text
-from forge_rt.train.evaluate import evaluate, parse_json, retention_perplexity, score_predictions
+from forge_rt.data import demo_paths, load_examples, prompt_text
+from forge_rt.eval.hf import evaluate, retention_perplexity
+from forge_rt.eval.score import parse_json, score_predictions
 
 REF = {"status": "INSPECT", "fault_code": "LEAK", "reason": "technician reports a leak"}
 

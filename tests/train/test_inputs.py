@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from forge_rt.train import checkpoint as ckpt
-from forge_rt import train
+from forge_rt.cli import train
 from forge_rt.train.config import ConfigError, resolve
 from forge_rt.testing import tiny_args, tiny_rows, write_jsonl
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from forge_rt.train.model import ModelLoadError, check_model_path, default_gguf_path
+from forge_rt.models import ModelLoadError, check_model_path, default_gguf_path
 
 
 def test_default_model_is_shipped():
@@ -50,7 +50,7 @@ def test_not_a_model_file(tmp_path):
 
 
 def test_truncated_gguf_is_a_load_error(tmp_path):
-    from forge_rt.train.model import load_model
+    from forge_rt.models import load_model
     cut = tmp_path / "cut.gguf"
     with open(default_gguf_path(), "rb") as src:
         cut.write_bytes(src.read(2_000_000))

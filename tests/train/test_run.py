@@ -9,7 +9,7 @@ import socket
 import pytest
 import torch
 
-from forge_rt import train
+from forge_rt.cli import train
 from forge_rt.testing import tiny_args, tiny_rows, write_jsonl
 
 
@@ -121,7 +121,7 @@ def test_seal_shred_and_scrub(tiny, tmp_path, monkeypatch, capsys):
     assert "example.com" not in (run / "metrics.json").read_text()
     assert (run / "adapter.sealed").is_file() and not (run / "adapter").exists() and not (run / "checkpoints").exists()
     assert not data.exists() and m["shredded"]["files"] == 1
-    from forge_rt import generate
+    from forge_rt.cli import generate
     model, tok, _ = generate.load_run(run)  # decrypts in memory with FORGE_RT_PASSPHRASE
     assert model.forge_rt_summary["accelerated"] > 0
     monkeypatch.setenv("FORGE_RT_PASSPHRASE", "wrong")
@@ -173,7 +173,7 @@ def test_rss_cap_watches_every_decoder_layer(arch):
     (GPT-NeoX's is GPTNeoXLayer: a class-name filter on ...DecoderLayer missed it)."""
     from types import SimpleNamespace
     from transformers import AutoConfig, AutoModelForCausalLM
-    from forge_rt.train.run import _cap_rss
+    from forge_rt.train.memory import cap_rss as _cap_rss
     cfg = AutoConfig.for_model(arch, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0)
     model = AutoModelForCausalLM.from_config(cfg)

@@ -1,4 +1,4 @@
-"""Streaming NF4 load (forge_rt.train.stream_load): every supported architecture, from sharded safetensors
+"""Streaming NF4 load (forge_rt.models.stream_load): every supported architecture, from sharded safetensors
 and from GGUF, gives the same NF4 bytes and logits as loading in fp32 then quantize_model, trains through
 the trainer with every linear fused, and bad checkpoints fail before training, naming file and tensor."""
 from __future__ import annotations
@@ -9,10 +9,10 @@ import shutil
 import pytest
 import torch
 
-from forge_rt import train
+from forge_rt.cli import train
 from forge_rt.nn import NF4Linear, quantize_model
 from forge_rt.testing import TINY_ARCHS, make_tiny_model_dir, rel_err, tiny_args, tiny_rows, write_jsonl
-from forge_rt.train.model import ModelLoadError, load_model, load_run
+from forge_rt.models import ModelLoadError, load_model, load_run
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ def _forge_tokens_per_s(model, tok, new_tokens: int, device: str) -> float:
 
 
 def _llamacpp_tokens_per_s(gguf: Path, new_tokens: int) -> float:
-    from forge_rt.export.llamacpp import LlamaCppEngine
+    from forge_rt.eval.llamacpp import LlamaCppEngine
     server = LlamaCppEngine(gguf).server
     req = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": new_tokens, "temperature": 0.0,
            "top_k": 1, "ignore_eos": True}
@@ -46,7 +46,7 @@ def run(ctx) -> list[dict]:
     from forge_rt.export.gguf_model import write_gguf
     from forge_rt.export.merge import merge
     from forge_rt.testing import lora_model
-    from forge_rt.train.model import default_gguf_path, load_model
+    from forge_rt.models import default_gguf_path, load_model
     new_tokens = ctx.pick(8, 32, 64)
     model, tok = load_model(dtype=torch.float32)
     pm = lora_model(forge_rt.quantize_model(model).to(ctx.torch_device))

@@ -42,7 +42,7 @@ def long_data(path: Path, tokens: int) -> Path:
     """One prompt/completion row whose completion is `tokens` tokens of prose (SmolLM2's tokenizer)."""
     from transformers import AutoTokenizer
     from forge_rt.testing import prose_ids
-    from forge_rt.train.model import default_gguf_path
+    from forge_rt.models import default_gguf_path
     gguf = default_gguf_path()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     path.write_text(json.dumps({"prompt": "Continue.", "completion": tok.decode(prose_ids(tok, 1, tokens)[0])}) + "\n")

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from forge_rt.errors import ForgeError
+from forge_rt.core.errors import ForgeError
 
 from . import ner as ner_layer
 from .detectors import DETECTORS, TYPES

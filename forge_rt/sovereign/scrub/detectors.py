@@ -14,7 +14,7 @@ import re
 from collections import Counter
 from typing import Callable, Iterator
 
-from forge_rt.errors import require_extra
+from forge_rt.core.errors import require_extra
 
 with require_extra("train", "PII scrubbing (forge_rt.sovereign.scrub)"):
     from stdnum import iban, luhn

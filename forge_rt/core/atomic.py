@@ -1,5 +1,5 @@
-"""Outputs appear whole or not at all: written under a temporary name next to the target, renamed at
-the end, removed on any failure (a full disk included)."""
+"""Outputs appear whole or not at all: written under a temporary name next to the target, fsynced, renamed
+at the end, removed on any failure (a full disk included). The one place forge_rt writes atomically."""
 from __future__ import annotations
 
 import contextlib
@@ -38,6 +38,32 @@ def atomic_path(out: Path, overwrite: bool):
     except BaseException:
         _remove(tmp)
         raise
+
+
+def fsync_path(path: Path) -> None:
+    """Flushes a file's (or a directory's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes | str, mode: int = 0o644) -> Path:
+    """Writes `data` to `path` whole or not at all: a temporary sibling, fsynced, renamed over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    raw = data.encode() if isinstance(data, str) else data
+    try:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as fh:
+            fh.write(raw)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+    return path
 
 
 def _remove(path: Path) -> None:

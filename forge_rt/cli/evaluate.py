@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+from pathlib import Path
 
-from .llamacpp import LlamaCppError, evaluate_gguf
+from forge_rt.cli.common import run_command
+from forge_rt.core.atomic import write_atomic
+from forge_rt.data import demo_paths, load_examples
+from forge_rt.eval.llamacpp import evaluate_gguf
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,22 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="llama.cpp threads (default: all usable cores)")
     p.add_argument("--json", help="also write the result here")
     a = p.parse_args(argv)
-    from ._forge import DataError, demo_paths, load_examples
-    try:
-        rows = load_examples(a.eval_data or demo_paths()["eval"])
-        if a.limit:
-            rows = rows[:a.limit]
-        result = evaluate_gguf(a.gguf, a.lora, rows, a.max_new_tokens, a.threads)
-    except (DataError, LlamaCppError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(lambda: _score(a))
+
+
+def _score(a) -> None:
+    rows = load_examples(a.eval_data or demo_paths()["eval"])
+    if a.limit:
+        rows = rows[:a.limit]
+    result = evaluate_gguf(a.gguf, a.lora, rows, a.max_new_tokens, a.threads)
     print(f"score {result['score']:.1f}  exact {result['exact']:.2f}  field_acc {result['field_acc']:.2f}  "
           f"valid_json {result['valid_json']}  n {result['n']}  {result['seconds']:.0f} s")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        write_atomic(Path(a.json), json.dumps(result, indent=2))

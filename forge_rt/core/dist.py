@@ -19,7 +19,7 @@ from datetime import timedelta
 
 import torch
 
-from forge_rt.errors import ForgeError
+from forge_rt.core.errors import ForgeError
 
 
 class DistributedError(ForgeError, RuntimeError):

@@ -114,7 +114,7 @@ def peak_bytes(fn) -> int:
 @contextlib.contextmanager
 def cpu_path(name: str):
     """Runs the block on the extension's CPU path `name` (auto, generic, avx2), then restores the selection."""
-    from forge_rt._native import require_native
+    from forge_rt.core.native import require_native
     C = require_native()
     before = C.cpu_features()["selected"]
     C.testing.set_cpu_path(name)

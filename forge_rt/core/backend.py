@@ -11,7 +11,7 @@ from functools import lru_cache
 
 import torch
 
-from forge_rt._native import native, native_error
+from forge_rt.core.native import native, native_error
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what every backend's kernels take

