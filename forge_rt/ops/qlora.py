@@ -68,7 +68,7 @@ _W_FIELDS = ("packed", "absmax", "nested_absmax", "nested_code", "shape", "dtype
 def _w_parts(w: NF4Weight) -> tuple:
     """The weight's fields with double quantization already resolved: `absmax_fp32()` is cached on `w` (the
     layer's weight), while the NF4Weight rebuilt inside the op lives for one call only."""
-    return (w.packed, w.absmax_fp32() * 1.001, None, None, list(w.shape), w.dtype, w.blocksize, w.quant_type, None)
+    return (w.packed, w.absmax_fp32(), None, None, list(w.shape), w.dtype, w.blocksize, w.quant_type, None)
 
 
 def _weight(packed, absmax, nested_absmax, nested_code, shape, dtype, blocksize, quant_type, offset) -> NF4Weight:
