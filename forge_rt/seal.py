@@ -1,9 +1,7 @@
-"""`python -m forge_rt.seal` and the `forge_rt.seal` name: sealed adapters, implemented in
-forge_rt.sovereign.seal (this module re-exports its public names)."""
+"""`python -m forge_rt.seal`: sealed adapters (forge_rt.cli.seal; the library is forge_rt.sovereign.seal)."""
 import sys
 
-from forge_rt.sovereign.seal import *  # noqa: F401,F403
-from forge_rt.sovereign.seal import main
+from forge_rt.cli.seal import main
 
 if __name__ == "__main__":
     sys.exit(main())

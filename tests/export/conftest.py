@@ -24,7 +24,8 @@ def make_run(run, model_dir, tok, no_fused=False, seal_phrase=None, seed=1):
     with LoRA B initialised at random so the adapter changes the model."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-    from forge_rt import quantize_model, seal
+    from forge_rt import quantize_model
+    from forge_rt.sovereign import seal
     from forge_rt.train.config import TrainConfig
 
     torch.manual_seed(seed)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from forge_rt.sovereign import seal
+from forge_rt.sovereign import seal, sealfile
 from forge_rt.sovereign.seal import (CiphertextCorruptError, HeaderCorruptError, NonceCorruptError, NotSealedError, SealError,
                            TagMismatchError, TruncatedError, UnsupportedVersionError, WrongPassphraseError)
 
@@ -72,7 +72,7 @@ def _flip(blob: bytes, offset: int) -> bytes:
 
 def test_each_failure_mode_has_its_own_error(sealed):
     blob = sealed.read_bytes()
-    h, nonce_at, ct_at = seal._HEADER.size, seal._HEADER_END, seal._NONCE_END
+    h, nonce_at, ct_at = sealfile._HEADER.size, sealfile._HEADER_END, sealfile._NONCE_END
     cases = {
         "wrong passphrase": (blob, "not the passphrase", WrongPassphraseError),
         "bad magic": (_flip(blob, 0), PW, NotSealedError),
@@ -179,3 +179,26 @@ def test_load_peft_matches_plain_adapter_without_touching_disk(tmp_path):
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
     with pytest.raises(WrongPassphraseError):
         seal.load_peft(fresh(), sealed, "nope")
+
+
+# `python -m forge_rt.seal` with the `seal` extra missing: import of cryptography fails as if not installed.
+NO_CRYPTOGRAPHY = """
+import runpy, sys
+sys.modules["cryptography"] = None
+sys.argv = ["forge_rt.seal", *sys.argv[1:]]
+runpy.run_module("forge_rt.seal", run_name="__main__")
+"""
+
+
+def test_cli_without_the_seal_extra(tmp_path):
+    env = {**os.environ, seal.PASSPHRASE_ENV: PW, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    run = lambda *a: subprocess.run([sys.executable, "-c", NO_CRYPTOGRAPHY, *map(str, a)], env=env,
+                                    capture_output=True, text=True, timeout=120)
+    r = run("--help")
+    assert r.returncode == 0 and "usage" in r.stdout and "Traceback" not in r.stderr, r.stderr
+    r = run("seal", "--help")
+    assert r.returncode == 0 and "argon2id" in r.stdout, r.stderr
+    r = run("verify", tmp_path / "x.sealed")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: ") and "pip install 'forge_rt[seal]'" in lines[0], r.stderr
