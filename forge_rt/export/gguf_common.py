@@ -6,10 +6,11 @@ import gguf
 import numpy as np
 import torch
 
+from .kquant import FILE_TYPES, K_TYPES, check_rows, config_row_lengths, quantize
 from .source import ExportError
 
-# --quant name -> (tensor type, general.file_type). The gguf package writes these from Python; K-quants
-# and i-quants are read-only there (they need llama.cpp's llama-quantize).
+# --quant name -> (tensor type, general.file_type). The gguf package writes the legacy types from Python;
+# it only reads K-quants, which forge_rt._C writes (kquant.py); i-quants are not written.
 QUANTS = {
     "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
@@ -20,16 +21,20 @@ QUANTS = {
     "q4_1": (gguf.GGMLQuantizationType.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),
     "q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
 }
+QUANTS.update(FILE_TYPES)  # K-quant file types: llama.cpp's per-tensor mix, written by forge_rt._C (kquant.py)
 # HF model_type -> GGUF architecture (llama.cpp runs Mistral as llama).
 HF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 # llama.cpp stores q/k rows of these architectures permuted (interleaved rotary halves per head).
 PERMUTED_ARCHS = {"llama"}
 
 
-def check_quant(quant: str) -> None:
+def check_quant(quant: str, config=None) -> None:
+    """`config` (the base's transformers config): also refuse a block type its row lengths cannot take."""
     if quant not in QUANTS:
-        raise ExportError(f"--quant {quant}: the gguf package cannot write it (K-quants and i-quants are read-only "
-                          f"there); use one of {', '.join(QUANTS)}")
+        raise ExportError(f"--quant {quant}: forge_rt cannot write it (i-quants are not supported); use one of "
+                          f"{', '.join(QUANTS)}")
+    if config is not None and QUANTS[quant][0] not in _FLOAT_TYPES:
+        check_rows(config_row_lengths(config), quant)
 
 
 def check_hf_arch(model_type: str) -> str:
@@ -69,6 +74,9 @@ _LOW_BIT = {gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1, gguf
             gguf.GGMLQuantizationType.Q5_1}
 
 
+_FLOAT_TYPES = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
+
+
 def head_type(qtype):
     """The GGUF type of the LM head for a file of type `qtype`."""
     return gguf.GGMLQuantizationType.Q8_0 if qtype in _LOW_BIT else qtype
@@ -85,4 +93,6 @@ def encode(weight: torch.Tensor, qtype) -> tuple[np.ndarray, object]:
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if data.shape[-1] % block:
         return data.astype(np.float16), None
+    if qtype in K_TYPES:
+        return quantize(data, qtype), qtype
     return gguf.quants.quantize(data, qtype), qtype

@@ -13,6 +13,7 @@ import gguf
 
 from .gguf_common import (PERMUTED_ARCHS, QUANTS, check_hf_arch, encode, gguf_name, head_type, name_map,
                           to_llamacpp_rows)
+from .kquant import FILE_TYPES, tensor_types
 from .source import ExportError
 
 # Reader pseudo-fields, and keys the writer sets itself (architecture) or rewrites (file type, quant version).
@@ -51,6 +52,7 @@ def write_gguf(merged, tokenizer, out: Path, quant: str, source_gguf: Path | Non
             weights.pop("output.weight", None)
         layout = [(name, None) for name in weights]
     head = "output.weight" if any(name == "output.weight" for name, _ in layout) else "token_embd.weight"
+    mix = _k_mix(quant, layout, weights, config, arch)
     for name, src in layout:
         tensor = weights.get(name)
         if tensor is None:
@@ -63,12 +65,22 @@ def write_gguf(merged, tokenizer, out: Path, quant: str, source_gguf: Path | Non
                               f"{tuple(reversed(src.shape.tolist()))}; is the model built from {source_gguf}?")
         if arch in PERMUTED_ARCHS:
             tensor = to_llamacpp_rows(tensor, name, config)
-        data, raw_dtype = encode(tensor, head_type(qtype) if name == head else qtype)
+        data, raw_dtype = encode(tensor, mix[name] if mix else head_type(qtype) if name == head else qtype)
         writer.add_tensor(name, data, raw_dtype=raw_dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def _k_mix(quant: str, layout, weights: dict, config, arch: str) -> dict | None:
+    """Per-tensor types of a K-quant file type (llama.cpp's mix), None for single-type quants."""
+    if quant not in FILE_TYPES:
+        return None
+    shapes = [(name, tuple(weights[name].shape) if name in weights else tuple(int(d) for d in reversed(src.shape.tolist())))
+              for name, src in layout]
+    return tensor_types(shapes, quant, config.num_hidden_layers, arch=arch, n_head=config.num_attention_heads,
+                        n_head_kv=getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
 
 
 # ---- metadata for a HF-directory base ------------------------------------------------------------
