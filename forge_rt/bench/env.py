@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from forge_rt.info import cpu_features
+from forge_rt.core.backend import cpu_features
 
 
 def _read(path: str) -> str | None:

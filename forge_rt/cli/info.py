@@ -9,19 +9,8 @@ import torch
 
 import forge_rt
 from forge_rt.core import backend
+from forge_rt.core.backend import cpu_features
 from forge_rt.core.native import native
-
-
-def cpu_features() -> list[str]:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith(("flags", "Features")):
-                    have = set(line.split(":", 1)[1].split())
-                    return [f for f in ("sse4_2", "avx2", "fma", "f16c", "avx512f", "avx512bw", "asimd", "crc32", "sve") if f in have]
-    except OSError:
-        pass
-    return []
 
 
 def native_paths(mod) -> str:

@@ -81,3 +81,16 @@ def select(tensor: torch.Tensor, supported: tuple[str, ...] = BACKENDS) -> str:
         return "cpu"
     _warn_once(f"forge_rt: cpu backend off ({st['cpu'][1]}); using the PyTorch reference")
     return "reference"
+
+
+def cpu_features() -> list[str]:
+    """The SIMD features this CPU reports (/proc/cpuinfo) that forge_rt's native paths can use."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    have = set(line.split(":", 1)[1].split())
+                    return [f for f in ("sse4_2", "avx2", "fma", "f16c", "avx512f", "avx512bw", "asimd", "crc32", "sve") if f in have]
+    except OSError:
+        pass
+    return []
