@@ -1,8 +1,9 @@
 """forge_rt: offline QLoRA with fused NF4 LoRA kernels and LZ4-compressed activation paging.
 
-Layers (see ARCHITECTURE.md): the format and the op (`nf4`, `ops`, `backend`, `kernels`), modules and
-patching (`nn`), the activation pager (`pager`), the memory monitor (`monitor`), the sovereign tools
-(`sovereign`), the trainer (`train`) and the command lines on top."""
+Layers, bottom up (ARCHITECTURE.md): `core` (errors, native loader, backend dispatch, atomic writes), `nf4`
+(the format), `kernels` and `ops` (the fused ops), `nn` (modules and PEFT patching), `pager` (activation
+paging), `monitor`, `sovereign`, `data`, `models`, `privacy`, `plan`, `eval`, `train`, `export`, and the
+command lines in `cli`."""
 from __future__ import annotations
 
 import importlib
@@ -11,8 +12,8 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 # Submodules and functions are imported on first use so `import forge_rt` stays light.
-_SUBMODULES = ("core", "nf4", "ops", "kernels", "nn", "pager", "monitor", "sovereign", "plan", "train", "export",
-               "generate")
+_SUBMODULES = ("core", "nf4", "ops", "kernels", "nn", "pager", "monitor", "sovereign", "data", "models", "privacy",
+               "plan", "eval", "train", "export", "cli")
 _FUNCTIONS = {
     "quantize_model": "forge_rt.nn.nf4_linear",
     "accelerate": "forge_rt.nn.peft",
@@ -22,12 +23,13 @@ _FUNCTIONS = {
 }
 
 if TYPE_CHECKING:  # editors and type checkers see the lazy names
-    from forge_rt import core, export, generate, kernels, monitor, nf4, nn, ops, pager, plan, sovereign, train
-    from forge_rt.core.errors import ForgeError
-    from forge_rt.export.merge import merge
-    from forge_rt.nn.nf4_linear import quantize_model
-    from forge_rt.nn.peft import accelerate
-    from forge_rt.pager import paging
+    from forge_rt import (cli, core, data, eval, export, kernels, models, monitor, nf4, nn, ops, pager, plan,  # noqa: F401
+                          privacy, sovereign, train)
+    from forge_rt.core.errors import ForgeError  # noqa: F401
+    from forge_rt.export.merge import merge  # noqa: F401
+    from forge_rt.nn.nf4_linear import quantize_model  # noqa: F401
+    from forge_rt.nn.peft import accelerate  # noqa: F401
+    from forge_rt.pager import paging  # noqa: F401
 
 
 def __getattr__(name: str):
