@@ -4,8 +4,8 @@ A measured figure is written as a link to the record it comes from, the link's t
 JSON each number is: `[6.91 GiB](bench/results/bench_7b.json "train.peak_rss_bytes:GiB")`. In a table row,
 every number of the row's cells after the first (code spans and the record links themselves left out) is
 matched, in order, with the terms of the row's record links; in prose, the numbers of a record link's own
-text are. Each must equal its term within the rounding shown. A measured figure (a number with a unit)
-that no record link covers fails in README and docs/.
+text are. Each must equal its term within the rounding shown. A measured figure (a number with a unit, or a
+bare decimal) that no record link covers fails in README and docs/; versions and settings go in code spans.
 
 Term: `path[:unit]` or `path / path[:unit]` (a ratio); `path` is dotted keys, `[3]` list items, `[1:]`
 slices, `[key=value&key=value]` the one dict of a list that matches, optionally wrapped in median(), mean(),
@@ -30,7 +30,7 @@ LINK = re.compile(r"\[([^\]]*)\]\(([^)\s]+)(?:\s+\"([^\"]*)\")?\)")
 CODE = re.compile(r"`[^`]*`")
 NUMBER = re.compile(r"(?<![\w.])([-+\u2212]?)(\d+(?:\.\d+)?(?:e[-+]?\d+)?)(?=x(?!\w)|[^\w.]|\.(?!\d)|$)")
 UNIT = r"(?:\s?(?:s|ms|µs|min|GiB|MiB|KiB|GB/s|MB/s|GB|MB|tokens/s|%)|x)(?![\w/])"
-MEASURED = re.compile(r"(?<![\w.])\d+(?:\.\d+)?" + UNIT)
+MEASURED = re.compile(r"(?<![\w.])(?:\d+(?:\.\d+)?" + UNIT + r"|\d+\.\d+(?![\w.]))")  # with a unit, or a bare decimal
 SCALE = {"GiB": 2.0 ** -30, "MiB": 2.0 ** -20, "%": 100.0}
 FUNCS = {"median": statistics.median, "mean": statistics.fmean, "min": min, "max": max}
 
@@ -199,6 +199,7 @@ def test_checker_sees_a_changed_number(tmp_path):
                      (good.replace("[6.91 GiB](", "[6.81 GiB]("), False), (good.replace("0.323x", "0.32x"), True),
                      (good.replace("0.323x", "0.33x"), False), (good.replace("median(a.t)", "max(a.t)"), False),
                      (good.replace("Prose:", "Prose: 1.5 s,"), False), (good.replace("z].v", "q].v"), False),
-                     (good.replace("4.5e-7", "4.6e-7"), False), (good.replace("46.9 and", "46.8 and"), False)):
+                     (good.replace("4.5e-7", "4.6e-7"), False), (good.replace("46.9 and", "46.8 and"), False),
+                     (good + "| score | 44.45 |\n", False), (good + "| `bitsandbytes 0.50` | NF4 |\n", True)):
         page.write_text(text)
         assert (check_page(page, strict=True) == []) is ok, (text, check_page(page, strict=True))
