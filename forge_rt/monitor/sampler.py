@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from forge_rt.monitor.sources import open_sources, unified_memory
-from forge_rt.monitor.view import MemoryView, live
+from forge_rt.monitor.view import MemoryView
 
 log = logging.getLogger("forge_rt.monitor")
 
@@ -186,6 +186,7 @@ def watch(path=None, interval: float = 0.1, paging=None, show: bool = False, **k
     monitor = MemoryMonitor(interval=interval, out_path=path, paging=paging, **kwargs).start()
     try:
         if show:
+            from forge_rt.monitor.ui.panel import live  # rich: only when the panel is asked for
             with live(monitor):
                 yield monitor
         else:

@@ -5,9 +5,10 @@ import time
 
 import pytest
 
-from forge_rt.monitor import replay as memmap
-from forge_rt.monitor.replay import RecordFollower, RecordWarning, load, render, summary
+from forge_rt.cli import memmap
 from forge_rt.monitor import watch
+from forge_rt.monitor.replay import NoRecordError, RecordFollower, RecordWarning, load, summary
+from forge_rt.monitor.ui.plot import render
 
 MIB = 1 << 20
 
@@ -123,7 +124,10 @@ def test_cli_writes_png_and_table(tmp_path, capsys):
     assert _png_size(tmp_path / "memory.png") == (700, 420)
 
     assert memmap.main([str(tmp_path / "nowhere")]) == 2
-    assert "no memory record here" in capsys.readouterr().out
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "no memory record here" in err[0]
+    with pytest.raises(NoRecordError):   # a FileNotFoundError for library callers
+        load(tmp_path / "nowhere")
     with pytest.raises(SystemExit):
         memmap.main([str(tmp_path), "--size", "big"])
 
@@ -139,3 +143,50 @@ def test_no_samples_is_an_error(tmp_path):
     _write(tmp_path / "memory.jsonl", [{"type": "start", "time": 0}])
     with pytest.raises(ValueError, match="no samples to draw"):
         render(load(tmp_path))
+
+
+# Reading a record needs neither rich nor matplotlib; the command says so in one line when they are missing.
+WITHOUT_THE_MONITOR_EXTRA = """
+import runpy, sys, warnings
+for name in ("rich", "matplotlib"):
+    sys.modules[name] = None          # import of either now fails, as if not installed
+if sys.argv[1] == "parse":
+    from forge_rt.monitor.replay import RecordFollower, load, summary
+    from forge_rt.monitor import MemoryMonitor, watch
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        record = load(sys.argv[2])
+    follower = RecordFollower(sys.argv[2])
+    follower.poll()
+    peaks = {r["pool"]: r["peak"] for r in summary(record)}
+    print(len(record.samples), len(record.marks), peaks["rss"], follower.finished, follower.view.peaks()["rss"])
+else:
+    sys.argv = ["forge_rt.memmap", *sys.argv[2:]]
+    runpy.run_module("forge_rt.memmap", run_name="__main__")
+"""
+
+
+def _without_extra(*args):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-c", WITHOUT_THE_MONITOR_EXTRA, *map(str, args)], capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+def test_record_parses_without_rich_or_matplotlib(tmp_path):
+    recs = _synthetic(tmp_path / "memory.jsonl")
+    out = _without_extra("parse", tmp_path)
+    assert out.returncode == 0, out.stderr
+    n_samples = sum(r["type"] == "sample" for r in recs)
+    assert out.stdout.split() == [str(n_samples), "4", str(640 * MIB), "True", str(640 * MIB)]
+
+
+def test_memmap_command_without_the_monitor_extra(tmp_path):
+    _synthetic(tmp_path / "memory.jsonl")
+    out = _without_extra("cli", "--help")
+    assert out.returncode == 0 and "usage" in out.stdout and "Traceback" not in out.stderr, out.stderr
+    out = _without_extra("cli", tmp_path)
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(err) == 1, out.stderr
+    assert err[0].startswith("error: ") and "pip install 'forge_rt[monitor]'" in err[0], out.stderr
+    assert not (tmp_path / "memory.png").exists()
