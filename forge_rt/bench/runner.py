@@ -9,8 +9,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
 import torch
+
+from forge_rt.core.errors import require_extra
+
+with require_extra("test", "the benchmark suite (its microbenchmarks run under pytest-benchmark)"):
+    import pytest
+    import pytest_benchmark  # noqa: F401 (the plugin behind run_pytest's --benchmark-* flags)
 
 
 class Progress:
