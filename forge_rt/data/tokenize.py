@@ -77,7 +77,8 @@ def prompt_text(tokenizer, messages: list[dict]) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(getattr(tokenizer, "name_or_path", "tokenizer"), None, None,
                         "the tokenizer has no chat template",
-                        "use an instruct/chat model, or set tokenizer.chat_template before training")
+                        "train with --prompt-format model, alpaca or plain (data.formats sets one that needs no new "
+                        "token), or set tokenizer.chat_template")
     return tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
 
 

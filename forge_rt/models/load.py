@@ -11,22 +11,41 @@ from forge_rt.models.stream_load import load_nf4
 from forge_rt.sovereign.guard import set_offline_env
 
 
-def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, nf4: bool = False):
+def load_tokenizer(path: str | os.PathLike | None = None):
+    """The model's tokenizer (from a HF directory or a .gguf), with the pad token training uses (eos when
+    it has none); no network access, no weights read."""
+    set_offline_env()
+    from transformers import AutoTokenizer
+    p = check_model_path(path if path is not None else default_gguf_path())
+    try:
+        tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name) if p.is_file() else AutoTokenizer.from_pretrained(p)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"could not load model from {p}: its tokenizer did not load ({type(exc).__name__}: "
+                             f"{exc})".splitlines()[0] + "; the file may be truncated or corrupt, or the tokenizer "
+                             "files missing: copy the model again") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, nf4: bool = False,
+               tokenizer=None):
     """(model, tokenizer), loaded with no network access. A GGUF is dequantized to nn.Linear; with `nf4`
-    a GGUF or safetensors checkpoint is streamed straight into NF4 linears (models.stream_load)."""
+    a GGUF or safetensors checkpoint is streamed straight into NF4 linears (models.stream_load).
+    `tokenizer`: one already loaded (load_tokenizer) to use instead of loading it again."""
     set_offline_env()
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     p = check_model_path(path if path is not None else default_gguf_path())
+    if not p.is_file():
+        check_causal(p)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(p)
     try:
         if p.is_file():
             kw = dict(gguf_file=p.name)
-            tok = AutoTokenizer.from_pretrained(p.parent, **kw)
             model = load_nf4(p, dtype) if nf4 else AutoModelForCausalLM.from_pretrained(p.parent, dtype=dtype, **kw)
         else:
-            check_causal(p)
-            tok = AutoTokenizer.from_pretrained(p)
             if nf4 and any(p.glob("*.safetensors")):
                 model = load_nf4(p, dtype)
             else:
@@ -37,7 +56,5 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
             raise
         raise ModelLoadError(f"could not load model from {p} ({type(exc).__name__}: {exc}); the weights may be "
                              "truncated or corrupt: copy the model again") from exc
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
     model.eval()
     return model, tok

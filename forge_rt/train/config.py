@@ -16,6 +16,7 @@ import yaml
 
 from forge_rt.core.atomic import write_atomic
 from forge_rt.core.errors import ForgeError
+from forge_rt.data.formats import PROMPT_FORMATS
 from forge_rt.models.build import LoraSpec
 from forge_rt.plan.estimate import SizeError, parse_bytes  # noqa: F401 (parse_bytes re-exported)
 
@@ -38,6 +39,7 @@ class TrainConfig:
     lora_alpha: float = field(default=32.0, metadata=dict(help="LoRA alpha (scaling = alpha / r)"))
     lora_dropout: float = field(default=0.05, metadata=dict(help="dropout on the LoRA input"))
     target_modules: str = field(default="all-linear", metadata=dict(help="'all-linear' or comma-separated module names (q_proj,v_proj,...)"))
+    prompt_format: str = field(default="model", metadata=dict(help="how rows become text: model (the tokenizer's chat template; a base model without one gets plain for prompt/completion rows, alpaca otherwise), chatml (needs its tokens in the vocabulary), alpaca, plain (prompt + completion as written)", choices=list(PROMPT_FORMATS)))
     # Optimisation.
     lr: float = field(default=4e-4, metadata=dict(help="peak learning rate (AdamW; the README says why the default is not higher)"))
     weight_decay: float = field(default=0.0, metadata=dict(help="AdamW weight decay"))

@@ -10,9 +10,10 @@ EXPORT_NAMES = {"gguf": "model-{quant}.gguf", "gguf-lora": "adapter-{quant}.gguf
                 "hf": "hf"}
 
 
-def export(cfg: TrainConfig, run: Path, evals) -> list[dict] | None:
+def export(cfg: TrainConfig, run: Path, evals, pytorch_score: float | None = None) -> list[dict] | None:
     """--export: the deployable files under RUN/export/ (before --seal shreds the plaintext adapter), each
-    GGUF scored in llama.cpp on the held-out set when the run evaluates."""
+    GGUF scored in llama.cpp on the held-out set when the run evaluates, beside `pytorch_score` (the tuned
+    model's score in PyTorch): a gap over report.GAP_WARN_POINTS is said loudly, here and in the report."""
     if not cfg.export:
         return None
     from forge_rt.export import export_run
@@ -23,7 +24,21 @@ def export(cfg: TrainConfig, run: Path, evals) -> list[dict] | None:
     records = export_run(run, targets, quant=cfg.export_quant)
     if evals is not None:
         _score_exports(records, evals, cfg.max_new_tokens)
+        _check_gaps(records, pytorch_score)
     return records
+
+
+def _check_gaps(records: list[dict], pytorch_score: float | None) -> None:
+    from forge_rt.train.report import GAP_WARN_POINTS
+    for rec in records:
+        s = rec.get("llamacpp") or {}
+        if pytorch_score is None or "score" not in s:
+            continue
+        s["gap_vs_pytorch"] = s["score"] - pytorch_score
+        if abs(s["gap_vs_pytorch"]) > GAP_WARN_POINTS:
+            print(f"WARNING: export {rec['kind']} scores {s['score']:.1f} in llama.cpp against {pytorch_score:.1f} in "
+                  "PyTorch: it does not reproduce the trained model (check the architecture's GGUF conversion, "
+                  "or try a higher --export-quant)", flush=True)
 
 
 def _score_exports(records: list[dict], evals, max_new_tokens: int) -> None:

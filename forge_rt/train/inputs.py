@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forge_rt import data
+from forge_rt.data import formats
+from forge_rt.data.formats import PromptFormat
+from forge_rt.models.load import load_tokenizer
 from forge_rt.train.config import TrainConfig
 from forge_rt.train.place import RunError
 
@@ -18,6 +21,8 @@ class Inputs:
     evals: list | None
     retention: str
     scrub: dict
+    prompt: PromptFormat | None = None   # how rows become text (data.formats), resolved with the tokenizer
+    tokenizer: object = None             # the base model's, loaded once (the model loads after the run dir)
 
 
 def load_inputs(cfg: TrainConfig) -> Inputs:
@@ -31,7 +36,10 @@ def load_inputs(cfg: TrainConfig) -> Inputs:
     if evals is not None and cfg.eval_limit:
         evals = data.Examples(evals[: cfg.eval_limit], evals.format, evals.path)
     retention = data.read_text(retention_path, "retention text", "--retention-text")
-    return Inputs(train_path, *scrub_inputs(train, evals, retention, cfg.scrub, cfg.scrub_ner))
+    inputs = Inputs(train_path, *scrub_inputs(train, evals, retention, cfg.scrub, cfg.scrub_ner))
+    inputs.tokenizer = load_tokenizer(cfg.model)
+    inputs.prompt = formats.resolve(cfg.prompt_format, inputs.tokenizer, train.format)
+    return inputs
 
 
 def scrub_inputs(train, evals, retention: str, mode: str, ner: bool = False):

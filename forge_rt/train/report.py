@@ -98,11 +98,16 @@ def plot_memory_map(run: Path) -> list[str]:
     return names
 
 
+GAP_WARN_POINTS = 3.0  # an export scoring further than this from PyTorch does not reproduce the trained model
+
+
 def render_markdown(m: dict, plots: list[str]) -> str:
     lines = ["# forge_rt training report", ""]
     d = m["data"]
+    pf = d.get("prompt_format") or {}
     lines += [f"- data: {d['n_train']} training examples ({d['format']} format) from `{d['path']}`; "
               f"{d['n_truncated']} truncated to max_len {m['config']['max_len']}; {d['n_eval']} held-out",
+              f"- prompt format: {pf.get('name', '-')} ({pf.get('reason', '-')})",
               f"- path: {'forge_rt NF4 + fused LoRA kernels' if m['fused'] else 'stock PEFT LoRA, full precision'}; "
               f"paging {'off' if m['paging'] is None else 'on'}",
               f"- steps: {m['steps']} in {m['train_time_s']:.0f} s "
@@ -154,8 +159,10 @@ def _llamacpp_score(export: dict) -> str:
     if "score" not in s:
         return f"; not scored in llama.cpp ({s.get('skipped')})"
     over = f" over `{s['model']}`" if export.get("kind") == "gguf-lora" else ""
-    return (f"; in llama.cpp{over}: score {s['score']:.1f} (exact {s['exact']:.2f}, field {s['field_acc']:.2f}, "
-            f"valid JSON {s['valid_json']:.2f}, n {s['n']}, {s['seconds']:.0f} s)")
+    warn = (f" **WARNING: {s['gap_vs_pytorch']:+.1f} points from the PyTorch score: this export does not reproduce "
+            "the trained model**" if abs(s.get("gap_vs_pytorch") or 0) > GAP_WARN_POINTS else "")
+    return (f"; in llama.cpp{over}: score {s['score']:.1f} (exact {_fmt(s['exact'])}, field {_fmt(s['field_acc'])}, "
+            f"valid JSON {_fmt(s['valid_json'])}, n {s['n']}, {s['seconds']:.0f} s){warn}")
 
 
 def _memory_plan_lines(plan: dict | None, pre: int | None) -> list[str]:

@@ -38,7 +38,9 @@ def _prepare(cfg: TrainConfig, run: Path, inputs: Inputs, dist: Dist):
         save_config(cfg, run / "config.json")
 
     torch.manual_seed(cfg.seed)
-    base, tok = load_model(cfg.model, nf4=not cfg.no_fused)
+    base, tok = load_model(cfg.model, nf4=not cfg.no_fused, tokenizer=inputs.tokenizer)
+    inputs.prompt.apply(tok)  # saved with the adapter: generate, evaluation and export render the same format
+    print(f"prompt format: {inputs.prompt.name} ({inputs.prompt.reason})", flush=True)
     tok_data = tokenize_examples(train, tok, cfg.max_len, pack=cfg.pack)
     n_trunc = int(getattr(tok_data, "n_truncated", 0))
     if n_trunc:
@@ -52,7 +54,7 @@ def _prepare(cfg: TrainConfig, run: Path, inputs: Inputs, dist: Dist):
     if summary:
         print(f"fused: {summary['accelerated']} LoRA layers fused, stock path: {summary['skipped'] or 'none'}",
               flush=True)
-    data_info = {"format": getattr(train, "format", None), "n_train": len(train),
+    data_info = {"format": getattr(train, "format", None), "prompt_format": inputs.prompt.as_dict(), "n_train": len(train),
                  "n_eval": len(evals) if evals is not None else 0, "n_truncated": n_trunc,
                  "path": str(inputs.train_path), "memory_plan": memory_plan, "rss_cap": rss_cap}
     return model, tok, tok_data, summary, data_info
@@ -134,7 +136,7 @@ def run_training(cfg: TrainConfig, place: RunPlace, inputs: Inputs, resume: str 
                                    data=data_info, scrub=inputs.scrub, paging=paging_stats, fused_summary=summary,
                                    eval_time_s=t_eval, total_time_s=time.time() - t_all)
     metrics["memory_plan"] = memory.plan_record(memory_plan, res, rss_cap)
-    metrics["exports"] = deliver.export(cfg, run, inputs.evals)
+    metrics["exports"] = deliver.export(cfg, run, inputs.evals, metrics.get("score_tuned"))
     deliver.finish_sovereign(cfg, run, inputs.train_path, passphrase, metrics)
     if guard is not None:
         metrics["egress_attempts"] = len(guard.attempts)
