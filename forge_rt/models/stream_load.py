@@ -19,7 +19,7 @@ from forge_rt.nn import NF4Linear
 from forge_rt.models.paths import ModelLoadError, check_causal, model_config
 
 # model_type values whose layouts (names, fused qkv / gate_up, tied heads, GGUF conversion) are tested.
-SUPPORTED = ("llama", "mistral", "qwen2", "phi3", "gemma2", "gemma3_text")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool}

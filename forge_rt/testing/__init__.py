@@ -15,9 +15,16 @@ from torch import nn
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-# Tiny configs of each architecture the streaming NF4 loader supports: model_type -> its own settings.
+# Tiny configs of each architecture the streaming NF4 loader supports: name -> its own settings (the
+# model_type is the name unless given). llama3: Llama 3.x rope scaling (rope_freqs in GGUF) and a tied head;
+# gemma3_text: sliding-window layers with a window shorter than the test prompts, and the attention scale
+# llama.cpp derives from head_dim (query_pre_attn_scalar = head_dim); qwen3: q/k norms.
 TINY_ARCHS = {"llama": {"tie_word_embeddings": False}, "mistral": {}, "qwen2": {}, "phi3": {},
-              "gemma2": {"head_dim": 16}, "gemma3_text": {"head_dim": 16}}
+              "gemma2": {"head_dim": 16}, "gemma3_text": {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16},
+              "qwen3": {"head_dim": 16},
+              "llama3": {"model_type": "llama", "tie_word_embeddings": True, "rope_parameters": {
+                  "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}}
 
 
 def make_tiny_model_dir(path: Path, tokenizer, arch: str = "llama", max_shard_size: str | None = None) -> Path:
@@ -25,11 +32,12 @@ def make_tiny_model_dir(path: Path, tokenizer, arch: str = "llama", max_shard_si
     `max_shard_size` if given."""
     from transformers import AutoConfig, AutoModelForCausalLM
     torch.manual_seed(0)
-    cfg = AutoConfig.for_model(arch, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+    settings = dict(TINY_ARCHS[arch])
+    cfg = AutoConfig.for_model(settings.pop("model_type", arch), vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                               **TINY_ARCHS[arch])
+                               **settings)
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tokenizer.save_pretrained(path)
