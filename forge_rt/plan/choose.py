@@ -53,6 +53,24 @@ def step_seconds(shapes: Shapes, batch: int, seq_len: int, rates: dict, *, check
     return seconds
 
 
+def step_floor_seconds(shapes: Shapes, batch: int, seq_len: int, rates: dict, *, checkpointing: bool,
+                       labelled_fraction: float, lora_r: int) -> float:
+    """The least a LoRA step can take on this machine: its matmul FLOPs at the probed fp32 GEMM rate, nothing
+    else (no elementwise work, no dequantization, no overhead). Forward through the frozen base, input
+    gradients through it (as many FLOPs again; no weight gradients), attention backward (twice its forward),
+    the LoRA products and their four backward products (twice the forward), the LM head on labelled rows only
+    (forward and input gradient), and the decoder's forward again when checkpointing recomputes it. Checked
+    against torch.utils.flop_counter on a real step (tests/plan/test_step_floor.py)."""
+    tokens = batch * seq_len
+    linears = 2 * shapes.linear_params() * tokens
+    attention = 4 * shapes.layers * batch * seq_len ** 2 * shapes.hidden
+    lora = 2 * lora_r * sum(i + o for i, o in shapes.linear_shapes()) * shapes.layers * tokens
+    head = 2 * shapes.vocab * shapes.hidden * tokens * labelled_fraction
+    recompute = linears + attention + lora if checkpointing else 0
+    flops = 2 * linears + 3 * attention + 3 * lora + 2 * head + recompute
+    return flops / rates["flops"]
+
+
 def _candidate(shapes, batch, seq_len, rates, labelled, lora_r, device, ckpt, spill_budget) -> Plan:
     est = estimate(shapes, batch, seq_len, checkpointing=ckpt, chunked_loss=True, labelled_fraction=labelled,
                    lora_r=lora_r, device=device, spill_budget=spill_budget)

@@ -91,7 +91,18 @@ def child(name: str, work: dict, device: str) -> dict:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
             pm.zero_grad(set_to_none=True)
-    return {"config": name, "step_s": statistics.median(times[1:] or times), "first_s": times[0], "peak_mib": peak()}
+    return {"config": name, "step_s": statistics.median(times[1:] or times), "first_s": times[0], "peak_mib": peak(),
+            "floor_s": _floor(pm, work)}
+
+
+def _floor(pm, work: dict) -> float:
+    """This step's FLOP floor on this machine (plan.choose.step_floor_seconds): every token labelled, no
+    recomputation, r = 16, as the step above runs."""
+    from forge_rt.plan.choose import step_floor_seconds
+    from forge_rt.plan.estimate import Shapes
+    from forge_rt.plan.probe import probe
+    return step_floor_seconds(Shapes.from_config(pm.config), work["batch"], work["seq"], probe(), checkpointing=False,
+                              labelled_fraction=1.0, lora_r=16)
 
 
 def _spawn(args: list[str]) -> dict:
@@ -127,7 +138,11 @@ def run(ctx) -> list[dict]:
         ctx.progress and ctx.progress.step(i, len(names), name)
         res[name] = _spawn(["--config", name, "--work", json.dumps(work), "--device", ctx.torch_device])
     case = f"{work['kind']} {work['layers']}L {work['batch']}x{work['seq']}"
-    return _ratio_rows(res, "stock bnb" if "stock bnb" in res else "stock fp32", "stock fp32", case)
+    rows = _ratio_rows(res, "stock bnb" if "stock bnb" in res else "stock fp32", "stock fp32", case)
+    fused = res["forge fused"]  # how far the default path is from the machine's matmul limit
+    rows.append(row("step", f"{case} forge fused: step over its FLOP floor", fused["step_s"], "s", baseline="FLOP floor",
+                    baseline_value=fused["floor_s"]))
+    return rows
 
 
 if __name__ == "__main__":
