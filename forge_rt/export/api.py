@@ -12,7 +12,9 @@ from forge_rt.models.paths import model_config
 
 from .manifest import build as build_manifest
 from .manifest import write as write_manifest
-from .gguf_common import check_hf_arch, check_quant
+from .gguf_common import FLOAT_TYPES, QUANTS, check_hf_arch, check_quant
+from .imatrix import check_imatrix, read_imatrix_dat
+from .kquant import config_row_lengths
 from .gguf_lora import check_lora_quant, write_gguf_lora
 from .gguf_model import write_gguf
 from .hf import write_hf
@@ -42,20 +44,34 @@ def _check(targets: dict, quant: str | None, dtype: str, overwrite: bool) -> Non
                 check(quant)
 
 
+def _imatrix(path, quant: str | None, targets: dict, src) -> dict | None:
+    """The imatrix file's weights, checked against the model before it is loaded."""
+    if path is None:
+        return None
+    if not {"gguf", "gguf-base"} & set(targets) or quant is None or QUANTS[quant][0] in FLOAT_TYPES:
+        raise ExportError("--imatrix weights a quantizer: give --to gguf or gguf-base with a quantized --quant "
+                          "(e.g. q4_k_m)")
+    imat = read_imatrix_dat(path)
+    check_imatrix(imat, config_row_lengths(model_config(src.model)))
+    return imat
+
+
 def export_run(run=None, targets: dict | None = None, *, adapter=None, model=None, quant: str | None = None,
-               dtype: str = "float32", overwrite: bool = False, passphrase_file=None) -> list[dict]:
+               dtype: str = "float32", overwrite: bool = False, passphrase_file=None, imatrix=None) -> list[dict]:
     """Export a trained adapter. `targets` maps kind ("gguf", "gguf-lora", "gguf-base", "hf") to an output path;
     gguf-base is the base exactly as training saw it (its 4-bit weights decoded), the base to run a gguf-lora
     adapter over.
     `run` is a run directory (its config names the base model); or give `adapter` (a PEFT directory or
     an adapter.sealed file) and `model` (HF directory or .gguf; default: the shipped SmolLM2 GGUF).
-    `quant` is the GGUF tensor type (default f16), `dtype` the hf export's weights. Every check that
+    `quant` is the GGUF tensor type (default f16), `dtype` the hf export's weights, `imatrix` a llama.cpp
+    imatrix.dat file whose importance weights the gguf / gguf-base quantizer uses. Every check that
     needs no model runs first. Returns the manifests (each also written next to its output)."""
     targets = {k: Path(v) for k, v in (targets or {}).items()}
     _check(targets, quant, dtype, overwrite)
     src = resolve(run, adapter, model)
     if quant is not None and {"gguf", "gguf-base"} & set(targets):
         check_quant(quant, model_config(src.model))  # rows no block type takes: said before the long load
+    imat = _imatrix(imatrix, quant, targets, src)
     if not src.base_is_gguf and {"gguf", "gguf-lora", "gguf-base"} & set(targets):
         check_hf_arch(model_config(src.model).model_type)
     peft_model, tok = load(src, passphrase_file)
@@ -90,12 +106,13 @@ def export_run(run=None, targets: dict | None = None, *, adapter=None, model=Non
         merged = merge(peft_model, torch.float32 if "gguf" in targets else DTYPES[dtype])
         merge_s = time.perf_counter() - t0
         if "gguf" in targets:
-            write("gguf", lambda tmp: write_gguf(merged, tok, tmp, quant or "f16", source_gguf), merge_seconds=round(merge_s, 2))
+            write("gguf", lambda tmp: write_gguf(merged, tok, tmp, quant or "f16", source_gguf, imat),
+                  merge_seconds=round(merge_s, 2))
         if "hf" in targets:
             merged = merged.to(DTYPES[dtype])
             write("hf", lambda tmp: write_hf(merged, tok, tmp, DTYPES[dtype]), merge_seconds=round(merge_s, 2))
         del merged
     if "gguf-base" in targets:
         base.base_model.disable_adapter_layers()
-        write("gguf-base", lambda tmp: write_gguf(merge(base, torch.float32), tok, tmp, quant or "f16", source_gguf))
+        write("gguf-base", lambda tmp: write_gguf(merge(base, torch.float32), tok, tmp, quant or "f16", source_gguf, imat))
     return records

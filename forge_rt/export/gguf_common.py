@@ -6,7 +6,7 @@ import gguf
 import numpy as np
 import torch
 
-from .kquant import FILE_TYPES, K_TYPES, check_rows, config_row_lengths, quantize
+from .kquant import FILE_TYPES, K_TYPES, NATIVE_TYPES, check_rows, config_row_lengths, quantize
 from .source import ExportError
 
 # --quant name -> (tensor type, general.file_type). The gguf package writes the legacy types from Python;
@@ -33,7 +33,7 @@ def check_quant(quant: str, config=None) -> None:
     if quant not in QUANTS:
         raise ExportError(f"--quant {quant}: forge_rt cannot write it (i-quants are not supported); use one of "
                           f"{', '.join(QUANTS)}")
-    if config is not None and QUANTS[quant][0] not in _FLOAT_TYPES:
+    if config is not None and QUANTS[quant][0] not in FLOAT_TYPES:
         check_rows(config_row_lengths(config), quant)
 
 
@@ -74,7 +74,7 @@ _LOW_BIT = {gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1, gguf
             gguf.GGMLQuantizationType.Q5_1}
 
 
-_FLOAT_TYPES = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
+FLOAT_TYPES = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
 
 
 def head_type(qtype):
@@ -82,9 +82,10 @@ def head_type(qtype):
     return gguf.GGMLQuantizationType.Q8_0 if qtype in _LOW_BIT else qtype
 
 
-def encode(weight: torch.Tensor, qtype) -> tuple[np.ndarray, object]:
+def encode(weight: torch.Tensor, qtype, imatrix: np.ndarray | None = None) -> tuple[np.ndarray, object]:
     """(array, raw_dtype) for GGUFWriter.add_tensor. Vectors stay F32 (as llama.cpp's converter keeps
-    norms and biases); a matrix whose rows don't fill whole blocks falls back to F16."""
+    norms and biases); a matrix whose rows don't fill whole blocks falls back to F16. `imatrix`: per-column
+    importance weights (K-quants and legacy types then quantize as ggml does with an imatrix)."""
     data = weight.detach().float().contiguous().numpy()
     if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
         return data, None
@@ -93,6 +94,6 @@ def encode(weight: torch.Tensor, qtype) -> tuple[np.ndarray, object]:
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if data.shape[-1] % block:
         return data.astype(np.float16), None
-    if qtype in K_TYPES:
-        return quantize(data, qtype), qtype
+    if qtype in K_TYPES or (imatrix is not None and qtype in NATIVE_TYPES):
+        return quantize(data, qtype, imatrix), qtype
     return gguf.quants.quantize(data, qtype), qtype

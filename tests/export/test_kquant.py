@@ -186,15 +186,25 @@ def _model_dir(path, tok, hidden: int, inter: int):
     return path
 
 
-@pytest.mark.parametrize("quant", ["q4_k_m", "q6_k"])
-def test_export_writes_ggml_bytes_and_llama_cpp_loads_it(ggml, smol_tok, tmp_path, quant):
+@pytest.mark.parametrize("quant,weighted", [("q4_k_m", True), ("q6_k", False)])
+def test_export_writes_ggml_bytes_and_llama_cpp_loads_it(ggml, smol_tok, tmp_path, quant, weighted):
+    """The file's every tensor: llama.cpp's type, and ggml's bytes for the merged weight (with the
+    imatrix file's weights where it has an entry)."""
     from conftest import make_run
     from forge_rt.export import export_run, merge
     from forge_rt.export.gguf_common import gguf_name, name_map, to_llamacpp_rows
+    from forge_rt.export.imatrix import read_imatrix_dat, write_imatrix_dat
     from forge_rt.models import load_run
     run = make_run(tmp_path / "run", _model_dir(tmp_path / "m", smol_tok, 256, 512), smol_tok)
-    out = tmp_path / "o.gguf"
-    export_run(run, {"gguf": out}, quant=quant)
+    out, imat = tmp_path / "o.gguf", None
+    if weighted:  # every layer matrix of the 2-layer 256/512 model gets random importance weights
+        rng = np.random.default_rng(3)
+        imat = tmp_path / "imatrix.dat"
+        write_imatrix_dat(imat, {f"blk.{i}.{t}.weight": rng.random(512 if t == "ffn_down" else 256) + 0.01
+                                 for i in range(2) for t in ("attn_q", "attn_k", "attn_v", "attn_output",
+                                                             "ffn_gate", "ffn_up", "ffn_down")})
+    export_run(run, {"gguf": out}, quant=quant, imatrix=imat)
+    weights_of = read_imatrix_dat(imat) if imat else {}
     r = gguf.GGUFReader(out)
     assert int(r.fields["general.file_type"].contents()) == FILE_TYPES[quant][1]
     merged = merge(load_run(run)[0])
@@ -207,7 +217,8 @@ def test_export_writes_ggml_bytes_and_llama_cpp_loads_it(ggml, smol_tok, tmp_pat
         assert t.tensor_type == mix[t.name], t.name
         if t.tensor_type in NATIVE_TYPES:
             w = to_llamacpp_rows(weights[t.name], t.name, merged.config).float().numpy()
-            assert np.array_equal(np.asarray(t.data).reshape(-1), ggml_quantize(ggml, t.tensor_type, w, None).reshape(-1)), t.name
+            want = ggml_quantize(ggml, t.tensor_type, w, weights_of.get(t.name))
+            assert np.array_equal(np.asarray(t.data).reshape(-1), want.reshape(-1)), t.name
             seen.add(t.tensor_type)
     assert Q.Q6_K in seen and (quant == "q6_k" or Q.Q4_K in seen)
     pytest.importorskip("xllamacpp")
