@@ -6,7 +6,7 @@ Modes: `speed` never recomputes; `min` always checkpoints (and spills when even 
 budget); `auto` takes the least memory among the plans within AUTO_SLACK of the fastest one, and
 under a budget the fastest plan that fits. The chunked loss is always on: it is exact and saves time.
 The LZ4 codec is not used for compress-only paging on a CPU: fp32 activations compress 1.16x at a cost
-of a second and a half per step here (README), so there it only pays as the disk tier's front."""
+of a second and a half per step here (bench/results/NOTES.md, paging), so there it only pays as the disk tier's front."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass

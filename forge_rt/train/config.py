@@ -41,7 +41,7 @@ class TrainConfig:
     target_modules: str = field(default="all-linear", metadata=dict(help="'all-linear' or comma-separated module names (q_proj,v_proj,...)"))
     prompt_format: str = field(default="model", metadata=dict(help="how rows become text: model (the tokenizer's chat template; a base model without one gets plain for prompt/completion rows, alpaca otherwise), chatml (needs its tokens in the vocabulary), alpaca, plain (prompt + completion as written)", choices=list(PROMPT_FORMATS)))
     # Optimisation.
-    lr: float = field(default=4e-4, metadata=dict(help="peak learning rate (AdamW; the README says why the default is not higher)"))
+    lr: float = field(default=4e-4, metadata=dict(help="peak learning rate (AdamW, cosine by default)"))
     weight_decay: float = field(default=0.0, metadata=dict(help="AdamW weight decay"))
     schedule: str = field(default="cosine", metadata=dict(help="learning-rate schedule", choices=["cosine", "linear", "constant"]))
     warmup_steps: int = field(default=6, metadata=dict(help="linear warm-up steps"))
@@ -77,7 +77,7 @@ class TrainConfig:
     shred_data: bool = field(default=False, metadata=dict(help="overwrite and delete the training data files after a successful run"))
     isolate: bool = field(default=False, metadata=dict(help="run in a new network namespace (only loopback): the kernel blocks egress, C libraries included"))
     scrub_ner: bool = field(default=False, metadata=dict(help="also scrub names of people, organisations and places (offline spaCy model; pip install 'forge_rt[ner]')"))
-    # Data-parallel runs under torchrun (see the README's "Past one machine").
+    # Data-parallel runs under torchrun (docs/distributed.md).
     dist_backend: str = field(default="auto", metadata=dict(help="torch.distributed backend under torchrun: auto (nccl with a GPU, else gloo)", choices=["auto", "gloo", "nccl"]))
     dist_timeout: float = field(default=300.0, metadata=dict(help="seconds a rank waits for the others before it gives up with an error (a dead rank is noticed at once)"))
 
