@@ -29,6 +29,7 @@ class _RequireExtra:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None and issubclass(exc_type, ImportError) and not issubclass(exc_type, MissingExtra):
-            raise MissingExtra(f"{self.feature} needs the package {exc.name!r}, which is not installed: "
+            package = (exc.name or "?").split(".")[0]
+            raise MissingExtra(f"{self.feature} needs the package {package!r}, which is not installed: "
                                f"pip install 'forge_rt[{self.extra}]'") from exc
         return False

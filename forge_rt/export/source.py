@@ -11,7 +11,6 @@ from forge_rt.core.errors import ForgeError
 from forge_rt.models import LoraSpec, ModelLoadError, RunDir, RunDirError, build_model, check_model_path, default_gguf_path
 from forge_rt.models.load import load_model
 from forge_rt.models.rundir import load_tokenizer
-from forge_rt.sovereign import seal
 
 
 class ExportError(ForgeError, RuntimeError):
@@ -81,6 +80,7 @@ def load(src: Source, passphrase_file=None):
     """(PEFT model, tokenizer) of the source, adapter loaded (a sealed one decrypted in memory)."""
     phrase = None
     if src.sealed:  # asked before the base model loads (it takes a while)
+        from forge_rt.sovereign import seal  # needs the seal extra (cryptography): only for a sealed adapter
         try:
             phrase = seal.get_passphrase(passphrase_file)
             seal.verify(src.adapter, phrase)  # a wrong passphrase or a damaged file fails here, fast
@@ -102,7 +102,7 @@ def load(src: Source, passphrase_file=None):
             model = build_model(base, spec, sealed=src.adapter, passphrase=phrase, binding=binding)
         else:
             model = build_model(base, spec, adapter_dir=src.adapter)
-    except seal.SealError as exc:
+    except ForgeError as exc:  # a sealed adapter that does not decrypt or belongs to another run
         raise ExportError(str(exc)) from None
     except (RuntimeError, ValueError) as exc:  # PEFT: size mismatch / target modules not found
         raise ExportError(f"adapter {src.adapter} does not fit base model {src.model}: {exc}".splitlines()[0]) from None
