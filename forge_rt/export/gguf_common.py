@@ -6,6 +6,7 @@ import gguf
 import numpy as np
 import torch
 
+from .gguf_arch import HF_ARCHS  # HF model_type -> GGUF architecture
 from .kquant import FILE_TYPES, K_TYPES, NATIVE_TYPES, check_rows, config_row_lengths, quantize
 from .source import ExportError
 
@@ -22,8 +23,6 @@ QUANTS = {
     "q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
 }
 QUANTS.update(FILE_TYPES)  # K-quant file types: llama.cpp's per-tensor mix, written by forge_rt._C (kquant.py)
-# HF model_type -> GGUF architecture (llama.cpp runs Mistral as llama).
-HF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 # llama.cpp stores q/k rows of these architectures permuted (interleaved rotary halves per head).
 PERMUTED_ARCHS = {"llama"}
 

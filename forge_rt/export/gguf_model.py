@@ -13,6 +13,7 @@ import gguf
 
 from .gguf_common import (PERMUTED_ARCHS, QUANTS, check_hf_arch, encode, gguf_name, head_type, name_map,
                           to_llamacpp_rows)
+from .gguf_arch import check_rope, extra_tensors, rope_theta, to_file_values, write_arch_keys
 from .imatrix import weights_for
 from .kquant import FILE_TYPES, tensor_types
 from .source import ExportError
@@ -51,6 +52,7 @@ def write_gguf(merged, tokenizer, out: Path, quant: str, source_gguf: Path | Non
     if layout is None:  # HF source: every mapped parameter; a tied output layer is the embedding
         if getattr(config, "tie_word_embeddings", False):
             weights.pop("output.weight", None)
+        weights.update(extra_tensors(arch, config))
         layout = [(name, None) for name in weights]
     head = "output.weight" if any(name == "output.weight" for name, _ in layout) else "token_embd.weight"
     mix = _k_mix(quant, layout, weights, config, arch)
@@ -66,6 +68,7 @@ def write_gguf(merged, tokenizer, out: Path, quant: str, source_gguf: Path | Non
                               f"{tuple(reversed(src.shape.tolist()))}; is the model built from {source_gguf}?")
         if arch in PERMUTED_ARCHS:
             tensor = to_llamacpp_rows(tensor, name, config)
+        tensor = to_file_values(arch, name, tensor)
         qt = mix[name] if mix else head_type(qtype) if name == head else qtype
         data, raw_dtype = encode(tensor, qt, weights_for(imatrix, name, tensor.shape[-1]) if tensor.dim() > 1 else None)
         writer.add_tensor(name, data, raw_dtype=raw_dtype)
@@ -88,9 +91,7 @@ def _k_mix(quant: str, layout, weights: dict, config, arch: str) -> dict | None:
 # ---- metadata for a HF-directory base ------------------------------------------------------------
 
 def _write_hf_metadata(w: gguf.GGUFWriter, config, tokenizer) -> None:
-    rope = dict(getattr(config, "rope_parameters", None) or {})
-    if rope.get("rope_type", "default") != "default":
-        raise ExportError(f"rope scaling {rope['rope_type']!r} is not supported by the GGUF writer; export --to hf")
+    check_rope(config)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     w.add_type(gguf.GGUFType.MODEL)
@@ -104,9 +105,10 @@ def _write_hf_metadata(w: gguf.GGUFWriter, config, tokenizer) -> None:
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    w.add_rope_freq_base(rope_theta(config))
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     w.add_vocab_size(config.vocab_size)
+    write_arch_keys(w, w.arch, config)
     _write_tokenizer(w, tokenizer, config.vocab_size)
 
 

@@ -21,7 +21,7 @@ LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 # llama.cpp derives from head_dim (query_pre_attn_scalar = head_dim); qwen3: q/k norms.
 TINY_ARCHS = {"llama": {"tie_word_embeddings": False}, "mistral": {}, "qwen2": {}, "phi3": {},
               "gemma2": {"head_dim": 16}, "gemma3_text": {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16},
-              "qwen3": {"head_dim": 16},
+              "qwen3": {},  # head_dim 128 as every Qwen 3 (transformers reads no head_dim from a qwen3 GGUF)
               "llama3": {"model_type": "llama", "tie_word_embeddings": True, "rope_parameters": {
                   "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}}
