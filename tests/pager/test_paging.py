@@ -77,7 +77,7 @@ def test_grads_bit_identical(tmp_path, dtype, ckpt, spill):
         got = run(model, x, ckpt)
         rec = pager.end_step()
         if spill:
-            assert pager._spill.direct == (spill is True and takes_o_direct(tmp_path))
+            assert pager._tier.file.direct == (spill is True and takes_o_direct(tmp_path))
     assert_same(ref, got)
     assert rec["bytes_raw"] > 0
     assert (rec["bytes_spilled"] > 0) == bool(spill)
@@ -175,7 +175,7 @@ def test_no_leak_over_50_steps(tmp_path):
     assert len(file_sizes) == 1 and file_sizes.pop() > 0  # every step spills the same
     assert s["resident_bytes"] == 0 and s["spilled_now_bytes"] == 0
     assert s["spill_file_bytes"] == 64 * 2**20  # the first reservation was reused, never grown
-    assert not pager._extents and not pager._spilled and not pager._dedup and not pager._resident
+    assert not pager._tier.extents and not pager._tier.spilled and not pager._dedup and not pager._resident
     assert [r["step"] for r in pager.steps] == list(range(50))
 
 
@@ -184,7 +184,7 @@ def test_truncated_spill_file_is_detected(tmp_path):
     with forge_rt.paging(budget_bytes=0, spill_dir=tmp_path, min_bytes=4096, prefetch=0) as pager:
         loss = model(torch.randn(96, 256)).pow(2).mean()
         pager.flush()
-        os.ftruncate(pager._spill.fd, 1000)
+        os.ftruncate(pager._tier.file.fd, 1000)
         with pytest.raises(PagingError, match=r"spill file .* is truncated: paged tensor #\d+ \("):
             loss.backward()
 
@@ -194,8 +194,8 @@ def test_corrupted_spill_bytes_are_detected(tmp_path):
     with forge_rt.paging(budget_bytes=0, spill_dir=tmp_path, min_bytes=4096) as pager:
         loss = model(torch.randn(96, 256)).pow(2).mean()
         pager.flush()
-        fd = os.open(f"/proc/self/fd/{pager._spill.fd}", os.O_RDWR)  # a buffered handle: O_DIRECT needs whole blocks
-        for extent, _ in list(pager._extents.values()):
+        fd = os.open(f"/proc/self/fd/{pager._tier.file.fd}", os.O_RDWR)  # a buffered handle: O_DIRECT needs whole blocks
+        for extent, _ in list(pager._tier.extents.values()):
             os.pwrite(fd, b"\xff" * 16, extent.offset + extent.length // 2)
         os.close(fd)
         with pytest.raises(PagingError, match=r"paged tensor #\d+ .*(crc32|integrity)"):
@@ -283,6 +283,20 @@ def test_backward_after_exit_with_spilled_tensors_says_why(tmp_path):
         loss.backward()
 
 
+def test_close_is_idempotent_and_a_graph_freed_after_it_is_settled(tmp_path):
+    model = make_model()
+    pager = forge_rt.paging(budget_bytes=0, spill_dir=tmp_path, min_bytes=4096)
+    with pager:
+        loss = model(torch.randn(96, 256)).pow(2).mean()
+        pager.flush()
+        assert pager.stats()["spilled_now_bytes"] > 0
+    pager.close()  # again: nothing left to stop
+    del loss  # the graph, and with it every paged record, goes after the spill file is closed
+    s = pager.stats()
+    assert s["resident_bytes"] == 0 and s["spilled_now_bytes"] == 0
+    assert not pager._tier.extents and not pager._tier.spilled and not pager._resident and not pager._dedup
+
+
 def test_stats_keys_for_the_monitor():
     with Pager() as pager:
         make_model()(torch.randn(32, 256)).sum().backward()
@@ -317,8 +331,8 @@ def test_corrupted_raw_spilled_tensor_is_detected(tmp_path):
         y = SaveAll.apply(x, noise)
         pager.flush()
         assert pager.stats()["bytes_incompressible"] >= noise.numel()
-        fd = os.open(f"/proc/self/fd/{pager._spill.fd}", os.O_RDWR)  # buffered: O_DIRECT needs whole blocks
-        for extent, _ in list(pager._extents.values()):
+        fd = os.open(f"/proc/self/fd/{pager._tier.file.fd}", os.O_RDWR)  # buffered: O_DIRECT needs whole blocks
+        for extent, _ in list(pager._tier.extents.values()):
             os.pwrite(fd, b"\xff" * 16, extent.offset + extent.length // 2)
         os.close(fd)
         with pytest.raises(PagingError, match=r"paged tensor #\d+ .*fails its CRC-32C check"):
