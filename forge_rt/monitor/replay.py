@@ -156,11 +156,3 @@ def summary(record: Record) -> list[dict]:
         rows.append({"pool": key, "label": POOLS.get(key, "process peak RSS (VmHWM)"), "peak": best[key],
                      "t": best["t"], "phase": phase, "step": step})
     return rows
-
-
-def __getattr__(name: str):
-    # Transitional, until train/report.py draws with forge_rt.monitor.ui.plot.render itself: then delete.
-    if name == "render":
-        from forge_rt.monitor.ui.plot import render
-        return render
-    raise AttributeError(f"module 'forge_rt.monitor.replay' has no attribute {name!r}")
