@@ -1,7 +1,8 @@
 """forge_rt.accelerate as a drop-in under other people's PEFT code: each scenario runs on a stock PEFT model
 and on an accelerated deep copy of it, over tiny random Llama / Qwen2 / Mistral / Phi3 / Gemma models,
 and must give the same logits and LoRA gradients (1e-5 relative, fp32) or count the layer as taking the
-stock path. The oracle is stock PEFT's forward over the same 4-bit base (bitsandbytes' bytes for Linear4bit)."""
+stock path. The oracle is stock PEFT over a dense twin: plain nn.Linear layers holding the dequantized NF4
+weights, so a bug in the 4-bit base path cannot cancel out (over bitsandbytes, bitsandbytes' own forward)."""
 import copy
 import io
 import logging
@@ -67,9 +68,14 @@ def _assert_same(a, b):
 
 
 def _pair(family, **kw):
-    """(stock PEFT model over quantize_model's NF4, accelerated deep copy) and the number of LoRA layers."""
-    stock = _peft(swap.quantize_model(_tiny(family)), **kw)
-    fused = swap.accelerate(copy.deepcopy(stock))
+    """(stock PEFT over the dense twin of quantize_model's NF4 model, accelerated PEFT over the NF4 model, both
+    with the same LoRA init) and the number of accelerated LoRA layers."""
+    model = swap.quantize_model(_tiny(family))
+    twin = _dense_twin(model)
+    torch.manual_seed(5)
+    stock = _peft(twin, **kw)
+    torch.manual_seed(5)
+    fused = swap.accelerate(_peft(model, **kw))
     return stock, fused, fused.forge_rt_summary["accelerated"]
 
 
@@ -263,7 +269,8 @@ def test_trigger_sequence_over_bitsandbytes(nested):
 
 def _dense_twin(model):
     """A copy of a quantize_model model with each NF4Linear replaced by an nn.Linear holding its dequantized
-    weight: what stock PEFT over full-precision layers computes, the oracle for merge / DoRA / OLoRA."""
+    weight (forge_rt.nf4.dequantize, not the fused kernels): what stock PEFT over full-precision layers
+    computes, the oracle of every comparison here."""
     from forge_rt import nf4
     twin = copy.deepcopy(model)
     for name, mod in list(twin.named_modules()):
@@ -288,7 +295,7 @@ def test_merge_adapter_and_merge_and_unload_over_nf4():
         assert fused_peft.stock_calls["merged adapter"] >= n
         fused.unmerge_adapter()
         assert rel_err(fused(input_ids=ids).logits, want) < 1e-5
-        merged = stock.merge_and_unload()
+        merged = swap.accelerate(copy.deepcopy(fused), enable=False).merge_and_unload()  # PEFT merges into NF4Linear
         assert not any(isinstance(m, peft.tuners.lora.LoraLayer) for m in merged.modules())
         assert all(m.weight.dense is not None for m in merged.modules() if isinstance(m, swap.NF4Linear))
         assert rel_err(merged(input_ids=ids).logits, want) < 1e-4
