@@ -1,7 +1,12 @@
-"""Sealed adapters: byte-identical round trip, one distinct error per failure mode, in-memory PEFT load."""
+"""Sealed adapters: the file opened with `cryptography` directly, byte-identical round trip, one distinct error
+per failure mode, in-memory PEFT load."""
+import hashlib
+import io
 import os
+import struct
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -46,6 +51,42 @@ def test_round_trip_byte_identical(adapter_dir, sealed, tmp_path):
     assert len(files) == 4 and _tree(tmp_path / "restored") == _tree(adapter_dir)
     info = seal.verify(sealed, PW)
     assert info["kdf"] == "scrypt" and info["files"]["adapter_model.safetensors"] == 4097
+
+
+# The documented layout (sealfile's docstring), read here without forge_rt: magic, version, kdf, reserved,
+# 3 kdf params, salt, ciphertext length, its SHA-256, key check, header digest, nonce, nonce digest.
+_LAYOUT = struct.Struct("<8sHBB3I16sQ32s16s8s12s8s")
+
+
+def _open_with_cryptography(blob: bytes, passphrase: str) -> tuple[bytes, bytes, bytes]:
+    """(plaintext, salt, nonce): the key from the standard library's scrypt (64 bytes, the first 32 are the
+    AES-256 key), then cryptography's AES-256-GCM over the ciphertext + tag, everything before as the AAD."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    magic, version, kdf, _, log_n, r, p, salt, ct_len, ct_sha, _, _, nonce, _ = _LAYOUT.unpack_from(blob)
+    assert (magic, version, kdf) == (b"FRTSEAL\0", 1, 1) and (log_n, r, p) == FAST
+    aad_end = _LAYOUT.size
+    assert len(blob) == aad_end + ct_len + 16 and hashlib.sha256(blob[aad_end:aad_end + ct_len]).digest() == ct_sha
+    key = hashlib.scrypt(passphrase.encode(), salt=salt, n=1 << log_n, r=r, p=p, dklen=64, maxmem=64 << 20)[:32]
+    return AESGCM(key).decrypt(nonce, blob[aad_end:], blob[:aad_end]), salt, nonce
+
+
+def test_sealed_file_opens_with_cryptography_directly(adapter_dir, sealed, tmp_path):
+    """The file is what its format says: AES-256-GCM under the scrypt-derived key, authenticated over the
+    header; the plaintext is a tar of the adapter directory. A second seal draws a fresh salt and nonce."""
+    from cryptography.exceptions import InvalidTag
+    blob = sealed.read_bytes()
+    plain, salt, nonce = _open_with_cryptography(blob, PW)
+    with tarfile.open(fileobj=io.BytesIO(plain)) as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    assert files == _tree(adapter_dir)
+    with pytest.raises(InvalidTag):  # the header is authenticated: one bit of the kdf's reserved byte
+        _open_with_cryptography(blob[:11] + bytes([blob[11] ^ 1]) + blob[12:], PW)
+    again = seal.seal_dir(adapter_dir, tmp_path / "again.sealed", PW, kdf_params=FAST)
+    blob2 = (tmp_path / "again.sealed").read_bytes()
+    plain2, salt2, nonce2 = _open_with_cryptography(blob2, PW)
+    assert again["bytes"] == len(blob2) and plain2 == plain
+    assert salt2 != salt and nonce2 != nonce and len(set(salt + salt2)) > 8
+    assert blob2[_LAYOUT.size:] != blob[_LAYOUT.size:]
 
 
 def test_argon2id_round_trip():
