@@ -2,6 +2,7 @@
 the core works without the optional extras, and the tree keeps its layering rules."""
 import ast
 import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -65,7 +66,8 @@ def test_every_command_answers_help_on_a_base_install(cli):
 @pytest.mark.parametrize("argv,extra", [(["seal", "verify", "x.sealed"], "seal"), (["bench", "--suite", "tiny"], "test")])
 def test_a_missing_extra_is_one_error_line(argv, extra, tmp_path):
     code = HIDE_EXTRAS + f"sys.argv = {['forge_rt.' + argv[0], *argv[1:]]!r}\nrunpy.run_module('forge_rt.{argv[0]}', run_name='__main__')"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PKG.parent), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), out.stderr[-2000:]
     assert f"forge_rt[{extra}]" in lines[0], lines

@@ -89,11 +89,12 @@ def plot_memory_map(run: Path) -> list[str]:
     """memory.png from the monitor's 10 Hz record (pools over time, phases shaded, peaks annotated); under
     torchrun also memory.rank<R>.png from each other rank's record found here (same machine)."""
     from forge_rt.monitor import replay
+    from forge_rt.monitor.ui import plot
     records = sorted(run.glob("memory.rank*.jsonl"), key=lambda p: int(p.name[len("memory.rank"):-len(".jsonl")]))
     names = []
     for record in [run / "memory.jsonl", *records]:
         if record.exists():
-            replay.render(replay.load(record), out=record.with_suffix(".png"))
+            plot.render(replay.load(record), out=record.with_suffix(".png"))
             names.append(record.with_suffix(".png").name)
     return names
 

@@ -116,22 +116,24 @@ def test_gguf_model_read_back(tiny_run, smol_tok, tmp_path, quant):
     assert kv["tokenizer.ggml.eos_token_id"] == smol_tok.eos_token_id
     names = {t.name: t for t in r.tensors}
     assert len(names) == 2 + 1 + 2 * 9  # embedding, output, final norm; 2 norms + 7 linears per block
-    tol = {"f16": 2e-3, "q8_0": 2e-2, "q4_0": 0.2}[quant]
-    for i in range(2):
-        for hf, g, heads in (("self_attn.q_proj", "attn_q", 4), ("self_attn.k_proj", "attn_k", 2),
-                             ("mlp.down_proj", "ffn_down", None)):
-            t = names[f"blk.{i}.{g}.weight"]
-            want = merged.get_submodule(f"model.layers.{i}.{hf}").weight.detach().numpy()
-            assert t.tensor_type.name == quant.upper()
-            assert tuple(int(d) for d in t.shape) == want.shape[::-1]
-            got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
-            if heads:
-                got = _unpermute(got, heads)
-            assert np.abs(got - want).max() <= tol * np.abs(want).max()
-        assert names[f"blk.{i}.attn_norm.weight"].tensor_type.name == "F32"
-    # the LM head stays at 8 bits under a 4-bit file type (llama.cpp's quantizer keeps it higher too)
-    assert names["output.weight"].tensor_type.name == ("Q8_0" if quant == "q4_0" else quant.upper())
-    assert names["token_embd.weight"].tensor_type.name == quant.upper()
+    # Every tensor of the merged model, found by the gguf package's own name map, holds its weights.
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    tol = {"F32": 0.0, "F16": 2e-3, "Q8_0": 2e-2, "Q4_0": 0.2}  # of the tensor's largest magnitude
+    seen = set()
+    for hf, param in merged.state_dict().items():
+        t = names[name_map.get_name(hf, try_suffixes=(".weight",))]
+        seen.add(t.name)
+        want = param.detach().float().numpy()
+        # norms stay F32; the LM head stays at 8 bits under a 4-bit file type (llama.cpp's quantizer keeps it higher)
+        kind = "F32" if want.ndim == 1 else ("Q8_0" if t.name == "output.weight" and quant == "q4_0" else quant.upper())
+        assert t.tensor_type.name == kind, (hf, t.tensor_type.name)
+        assert tuple(int(d) for d in t.shape) == want.shape[::-1], hf
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
+        heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(t.name.split(".")[-2])
+        if heads:
+            got = _unpermute(got, heads)
+        assert np.abs(got - want).max() <= tol[kind] * np.abs(want).max(), hf
+    assert seen == set(names)
     assert json.loads((tmp_path / "m.gguf.manifest.json").read_text())["quant"] == quant
     assert rec["bytes"] == out.stat().st_size
 
@@ -146,12 +148,18 @@ def test_gguf_lora_read_back(tiny_run, tmp_path):
     assert len(names) == 2 * 7 * 2
     from safetensors.torch import load_file
     sd = load_file(tiny_run / "adapter" / "adapter_model.safetensors")  # the adapter as PEFT saved it
-    prefix = "base_model.model.model.layers.1.self_attn.k_proj"
-    a, b = sd[f"{prefix}.lora_A.weight"], sd[f"{prefix}.lora_B.weight"]
-    ta, tb = names["blk.1.attn_k.weight.lora_a"], names["blk.1.attn_k.weight.lora_b"]
-    assert [int(d) for d in ta.shape] == [64, 4] and [int(d) for d in tb.shape] == [4, 32]
-    np.testing.assert_array_equal(ta.data.reshape(a.shape), a.numpy())
-    np.testing.assert_array_equal(_unpermute(tb.data.reshape(b.shape), 2), b.numpy())
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    for key in (k for k in sd if ".lora_A." in k):
+        hf = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+        base = name_map.get_name(hf, try_suffixes=(".weight",))
+        a, b = sd[key], sd[key.replace("lora_A", "lora_B")]
+        ta, tb = names.pop(f"{base}.lora_a"), names.pop(f"{base}.lora_b")
+        assert [int(d) for d in ta.shape] == [a.shape[1], 4] and [int(d) for d in tb.shape] == [4, b.shape[0]]
+        np.testing.assert_array_equal(ta.data.reshape(a.shape), a.numpy())
+        heads = {"attn_q": 4, "attn_k": 2}.get(base.split(".")[-2])  # B's rows follow llama.cpp's q/k order
+        got_b = tb.data.reshape(b.shape)
+        np.testing.assert_array_equal(_unpermute(got_b, heads) if heads else got_b, b.numpy())
+    assert names == {}
 
 
 def test_gguf_base_is_the_merge_without_the_adapter(tiny_run, tmp_path):
@@ -270,9 +278,9 @@ def test_sealed_adapter(tiny_model, smol_tok, tmp_path, monkeypatch, capsys):
                         "--passphrase-file", str(phrase)]) == 0
     assert gguf.GGUFReader(tmp_path / "a.gguf").fields["adapter.type"].contents() == "lora"
     # gguf-base beside a merge loads the model once: one passphrase, asked once
-    from forge_rt.export import source
+    from forge_rt.sovereign import seal
     asked = []
-    monkeypatch.setattr(source.seal, "get_passphrase", lambda f: asked.append(f) or PASSPHRASE)
+    monkeypatch.setattr(seal, "get_passphrase", lambda f: asked.append(f) or PASSPHRASE)
     monkeypatch.delenv("FORGE_RT_PASSPHRASE")
     recs = export_run(run, {"gguf": tmp_path / "m.gguf", "gguf-base": tmp_path / "b.gguf"})
     assert len(asked) == 1 and [r["kind"] for r in recs] == ["gguf", "gguf-base"]
