@@ -7,6 +7,7 @@ import os
 import torch
 
 from forge_rt.models.paths import ModelLoadError, check_causal, check_complete, check_model_path, default_gguf_path
+from forge_rt.models.gguf_rope import apply_rope_freqs
 from forge_rt.models.stream_load import load_nf4
 from forge_rt.sovereign.guard import set_offline_env
 
@@ -45,6 +46,7 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
         if p.is_file():
             kw = dict(gguf_file=p.name)
             model = load_nf4(p, dtype) if nf4 else AutoModelForCausalLM.from_pretrained(p.parent, dtype=dtype, **kw)
+            apply_rope_freqs(model, p)  # Llama 3.x rope scaling, which transformers' GGUF loader drops
         else:
             if nf4 and any(p.glob("*.safetensors")):
                 model = load_nf4(p, dtype)

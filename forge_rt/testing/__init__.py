@@ -17,10 +17,10 @@ LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 # Tiny configs of each architecture the streaming NF4 loader supports: name -> its own settings (the
 # model_type is the name unless given). llama3: Llama 3.x rope scaling (rope_freqs in GGUF) and a tied head;
-# gemma3_text: sliding-window layers with a window shorter than the test prompts, and the attention scale
-# llama.cpp derives from head_dim (query_pre_attn_scalar = head_dim); qwen3: q/k norms.
+# gemma3_text: sliding-window layers with a window shorter than the test prompts, head_dim 256 as the real
+# ones (llama.cpp and transformers' GGUF loader scale attention by its default); qwen3: q/k norms.
 TINY_ARCHS = {"llama": {"tie_word_embeddings": False}, "mistral": {}, "qwen2": {}, "phi3": {},
-              "gemma2": {"head_dim": 16}, "gemma3_text": {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16},
+              "gemma2": {"head_dim": 16}, "gemma3_text": {"head_dim": 256, "sliding_window": 8},
               "qwen3": {},  # head_dim 128 as every Qwen 3 (transformers reads no head_dim from a qwen3 GGUF)
               "llama3": {"model_type": "llama", "tie_word_embeddings": True, "rope_parameters": {
                   "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
