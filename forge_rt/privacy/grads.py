@@ -19,6 +19,7 @@ LoRA layer itself, not on its base or lora_A/lora_B, so forge_rt's fused path st
 those submodules). LoRA dropout must be off: the mask lives inside the fused op."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +39,7 @@ class _Layer:
     dA: torch.Tensor | None = None
     dB: torch.Tensor | None = None
     handle: object = field(default=None, repr=False)
+    seconds: float = 0.0  # spent forming this layer's per-example gradients
 
 
 class _Tap(torch.autograd.Function):
@@ -52,7 +54,9 @@ class _Tap(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
+        t0 = time.perf_counter()
         _per_example(ctx.layer, x, g)
+        ctx.layer.seconds += time.perf_counter() - t0
         return g, None, None
 
 
@@ -129,6 +133,11 @@ class PerExampleGrads:
                 return None
             return _Tap.apply(output, args[0], layer)
         return hook
+
+    @property
+    def seconds(self) -> float:
+        """Time spent forming per-example gradients in backward, over all layers and calls."""
+        return sum(la.seconds for la in self.layers)
 
     def params(self) -> list[nn.Parameter]:
         """The tapped parameters, in the fixed order A, B of each layer."""

@@ -77,6 +77,14 @@ class TrainConfig:
     shred_data: bool = field(default=False, metadata=dict(help="overwrite and delete the training data files after a successful run"))
     isolate: bool = field(default=False, metadata=dict(help="run in a new network namespace (only loopback): the kernel blocks egress, C libraries included"))
     scrub_ner: bool = field(default=False, metadata=dict(help="also scrub names of people, organisations and places (offline spaCy model; pip install 'forge_rt[ner]')"))
+    # Differential privacy of the LoRA weights and the canary audit (forge_rt.privacy).
+    dp_epsilon: float | None = field(default=None, metadata=dict(help="train with differential privacy at this epsilon: per-example clipping of the LoRA gradients, Gaussian noise calibrated to the run's steps, Poisson-sampled batches of expected size --batch-size (LoRA dropout is then off)"))
+    dp_noise: float | None = field(default=None, metadata=dict(help="DP with this noise multiplier sigma instead of a target --dp-epsilon (the epsilon spent is reported)"))
+    dp_delta: float = field(default=1e-5, metadata=dict(help="DP delta (must be below 1/number of examples)"))
+    dp_clip: float = field(default=1.0, metadata=dict(help="DP per-example gradient norm bound C"))
+    dp_accountant: str = field(default="rdp", metadata=dict(help="privacy accountant (Opacus): rdp or prv", choices=["rdp", "prv"]))
+    audit: bool = field(default=False, metadata=dict(help="canary audit: insert random secrets at 1/4/16 repetitions into a copy of the training rows, and measure their exposure and extraction on the base and tuned models (this run's adapter then holds the canaries: keep it for the audit only)"))
+    audit_candidates: int = field(default=1000, metadata=dict(help="random candidates each canary is ranked against (exposure can show at most log2 of this + 1 bits)"))
     # Data-parallel runs under torchrun (docs/distributed.md).
     dist_backend: str = field(default="auto", metadata=dict(help="torch.distributed backend under torchrun: auto (nccl with a GPU, else gloo)", choices=["auto", "gloo", "nccl"]))
     dist_timeout: float = field(default=300.0, metadata=dict(help="seconds a rank waits for the others before it gives up with an error (a dead rank is noticed at once)"))
@@ -110,12 +118,23 @@ class TrainConfig:
                     parse_bytes(getattr(self, name), name)
                 except SizeError as exc:
                     raise ConfigError(str(exc)) from None
+        if self.dp:
+            self.dp_settings().check(self.pack, self.grad_accum)
+
+    @property
+    def dp(self) -> bool:
+        return self.dp_epsilon is not None or self.dp_noise is not None
+
+    def dp_settings(self):
+        from forge_rt.privacy.session import DPSettings
+        return DPSettings(self.dp_epsilon, self.dp_noise, self.dp_delta, self.dp_clip, self.dp_accountant)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     def lora_spec(self) -> LoraSpec:
-        return LoraSpec(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
+        # under DP, no LoRA dropout: its mask is drawn inside the fused op, and per-example gradients need it
+        return LoraSpec(r=self.lora_r, alpha=self.lora_alpha, dropout=0.0 if self.dp else self.lora_dropout,
                         target_modules=self.target_modules, fused=not self.no_fused)
 
 
@@ -123,7 +142,7 @@ class TrainConfig:
 _MINIMUM = {"lora_r": 1, "lora_alpha": 1e-6, "batch_size": 1, "grad_accum": 1, "max_len": 2, "eval_batch_size": 1,
             "max_new_tokens": 1, "weight_decay": 0.0, "warmup_steps": 0, "max_steps": 0, "epochs": 0.0,
             "max_grad_norm": 0.0, "checkpoint_every": 0, "log_every": 1, "eval_limit": 1, "seed": 0,
-            "dist_timeout": 1.0}
+            "dist_timeout": 1.0, "dp_epsilon": 1e-6, "dp_noise": 0.0, "dp_clip": 1e-12, "audit_candidates": 1}
 _WHY = {"max_len": "an example needs a prompt token and a response token",
         "max_steps": "0 means use --epochs; a negative count would train nothing and save an untrained adapter",
         "log_every": "progress is printed every N steps",
@@ -251,7 +270,7 @@ RESUME_MAY_CHANGE = frozenset({
     "output", "overwrite", "eval_data", "retention_text", "no_paging", "paging_budget", "grad_checkpointing",
     "checkpoint_every", "log_every", "no_live", "no_eval", "eval_limit", "eval_batch_size", "max_new_tokens",
     "seal", "shred_data", "isolate", "memory", "memory_budget", "no_rss_cap", "export", "export_quant",
-    "dist_backend", "dist_timeout"})  # the number of ranks is not a flag: the global batch fixes the result
+    "dist_backend", "dist_timeout", "audit_candidates"})  # the number of ranks is not a flag: the global batch fixes the result
 
 
 def check_resume_changes(saved: dict[str, Any], requested: dict[str, Any], resume: str) -> None:

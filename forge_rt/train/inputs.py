@@ -23,6 +23,7 @@ class Inputs:
     scrub: dict
     prompt: PromptFormat | None = None   # how rows become text (data.formats), resolved with the tokenizer
     tokenizer: object = None             # the base model's, loaded once (the model loads after the run dir)
+    canaries: list | None = None         # --audit: the canaries inserted into the training rows (privacy.canary)
 
 
 def load_inputs(cfg: TrainConfig) -> Inputs:
@@ -36,7 +37,12 @@ def load_inputs(cfg: TrainConfig) -> Inputs:
     if evals is not None and cfg.eval_limit:
         evals = data.Examples(evals[: cfg.eval_limit], evals.format, evals.path)
     retention = data.read_text(retention_path, "retention text", "--retention-text")
-    inputs = Inputs(train_path, *scrub_inputs(train, evals, retention, cfg.scrub, cfg.scrub_ner))
+    canaries = None
+    if cfg.audit:  # inserted before scrubbing, so --scrub meets the canaries in formats it recognises
+        from forge_rt.privacy.runaudit import with_canaries
+        rows, canaries = with_canaries(list(train), cfg.seed)
+        train = data.Examples(rows, train.format, train.path)
+    inputs = Inputs(train_path, *scrub_inputs(train, evals, retention, cfg.scrub, cfg.scrub_ner), canaries=canaries)
     inputs.tokenizer = load_tokenizer(cfg.model)
     inputs.prompt = formats.resolve(cfg.prompt_format, inputs.tokenizer, train.format)
     return inputs

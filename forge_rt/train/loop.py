@@ -140,21 +140,43 @@ class _State:
         self.sched = get_scheduler(cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup", self.opt,
                                    num_warmup_steps=min(cfg.warmup_steps, self.total), num_training_steps=self.total)
         self.order = DataOrder(n_examples, cfg.batch_size, cfg.seed)
-        self.step = 0
+        self.step, self.last_loss, self.dp = 0, 0.0, None
+        if cfg.dp:  # [DP] checked again with the data and the ranks; says its noise
+            from forge_rt.privacy.session import DPRun
+            self.dp = DPRun.start(model, cfg.dp_settings(), n_examples, cfg.batch_size, self.total, cfg, dist.world)
         if resume_state is not None:
             with torch.no_grad():
                 for name, value in resume_state["weights"].items():
                     self.params[name].copy_(value)
             self.opt.load_state_dict(resume_state["optimizer"])
             self.sched.load_state_dict(resume_state["scheduler"])
-            self.order = DataOrder(n_examples, cfg.batch_size, cfg.seed, **resume_state["data"])
+            data = dict(resume_state["data"])
+            dp_state = data.pop("dp", None)  # [DP] the accountant's steps so far: epsilon goes on from there
+            if self.dp is not None and dp_state is not None:
+                self.dp.load_state_dict(dp_state)
+            self.order = DataOrder(n_examples, cfg.batch_size, cfg.seed, **data)
             self.step = resume_state["step"]
             ckpt.restore_rng(resume_state["rng"])
         dist.reseed(cfg.seed, self.step)
 
     def save(self, root: Path) -> None:
         ckpt.save_checkpoint(root, self.step, {n: p.data for n, p in self.params.items()},
-                             self.opt.state_dict(), self.sched.state_dict(), self.order.state())
+                             self.opt.state_dict(), self.sched.state_dict(),
+                             {**self.order.state(), **({"dp": self.dp.state_dict()} if self.dp else {})})
+
+
+def _dp_step(model, tok_data, cfg: TrainConfig, st: _State, monitor) -> tuple[list[float], int]:
+    """[DP] one Poisson-sampled batch in micro-batches; p.grad becomes the clipped, noised gradient."""
+    from forge_rt.privacy import example_losses
+    n_tok = []
+
+    def losses_of(indices):
+        batch, n = _batch(tok_data, indices)
+        n_tok.append(n)
+        _mark(monitor, "forward", st.step + 1)
+        return example_losses(model, **batch, chunked=not cfg.no_fused)
+    losses, _ = st.dp.step(losses_of)
+    return losses or [st.last_loss], sum(n_tok)  # an empty sample (rare) still steps: noise only
 
 
 def _micro(model, tok_data, cfg: TrainConfig, st: _State, monitor) -> tuple[float, int]:
@@ -178,8 +200,8 @@ def _step(model, tok_data, cfg: TrainConfig, st: _State, monitor, guard: Diverge
           stop: Stop | None = None) -> tuple[list[float], int, float]:
     """One optimizer step (cfg.grad_accum micro-batches); returns (micro-batch losses, tokens, lr). A
     non-finite loss or gradient stops the run before the optimizer applies it."""
-    losses, n_tok = [], 0
-    for _ in range(cfg.grad_accum):
+    losses, n_tok = _dp_step(model, tok_data, cfg, st, monitor) if st.dp is not None else ([], 0)
+    for _ in range(cfg.grad_accum if st.dp is None else 0):
         loss, n = _micro(model, tok_data, cfg, st, monitor)
         losses.append(loss)
         n_tok += n
@@ -194,6 +216,7 @@ def _step(model, tok_data, cfg: TrainConfig, st: _State, monitor, guard: Diverge
     st.opt.step()
     st.sched.step()
     st.opt.zero_grad(set_to_none=True)
+    st.last_loss = sum(losses) / len(losses)
     return losses, n_tok, lr
 
 
@@ -238,7 +261,8 @@ def train_loop(model, tok_data, cfg: TrainConfig, run: Path, resume_state: dict 
                 rss, peak = process_rss()
                 rec = {"step": st.step, "loss": sum(losses) / len(losses), "lr": lr, "tokens": n_tok,
                        "tokens_per_s": n_tok / dt, "step_time_s": dt, "elapsed_s": time.time() - t_start,
-                       "rss_bytes": rss, "peak_rss_bytes": peak, "epoch": st.order.epoch, "paging": paged}
+                       "rss_bytes": rss, "peak_rss_bytes": peak, "epoch": st.order.epoch, "paging": paged,
+                       **({"epsilon": st.dp.epsilon()} if st.dp is not None else {})}
                 mlog.write(json.dumps(rec, allow_nan=False) + "\n")  # strict JSON: the guard ran
                 mlog.flush()
                 step_times.append(dt)
@@ -254,7 +278,8 @@ def train_loop(model, tok_data, cfg: TrainConfig, run: Path, resume_state: dict 
         progress.close()
     return {"steps": st.step, "total_steps": st.total, "interrupted": _stopped(st, stop),
             "train_time_s": time.time() - t_start, "step_times": step_times,
-            "peak_rss_bytes": process_rss()[1], "pre_step_rss_bytes": pre_step_rss, "tokens_per_s_mean": (sum(tps_all) / len(tps_all)) if tps_all else None}
+            "peak_rss_bytes": process_rss()[1], "pre_step_rss_bytes": pre_step_rss,
+            "dp": st.dp.record() if st.dp is not None else None, "tokens_per_s_mean": (sum(tps_all) / len(tps_all)) if tps_all else None}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -29,6 +29,7 @@ def build_metrics(cfg, train: dict, base: dict | None, tuned: dict | None, *, da
         "fused_summary": dict(fused_summary) if fused_summary else None,
         "data": data,
         "scrub": scrub,
+        "dp": train.get("dp"),
         "config": dataclasses.asdict(cfg),
     }
     for key in EVAL_KEYS:
@@ -148,6 +149,9 @@ def render_markdown(m: dict, plots: list[str]) -> str:
         lines += ["", f"Score gain: {_fmt(m['score_gain'])} points. Retention perplexity change: "
                       f"{_fmt(m['ppl_retention_change_pct'])}% (guard: <= +10%, "
                       f"{'holds' if m['retention_ok'] else 'VIOLATED'})."]
+    if m.get("dp") or m.get("audit"):
+        from forge_rt.privacy.runaudit import report_lines
+        lines += report_lines(m)
     for name in plots:
         lines += ["", f"![{name}]({name})"]
     return "\n".join(lines) + "\n"

@@ -136,6 +136,13 @@ def run_training(cfg: TrainConfig, place: RunPlace, inputs: Inputs, resume: str 
                                    data=data_info, scrub=inputs.scrub, paging=paging_stats, fused_summary=summary,
                                    eval_time_s=t_eval, total_time_s=time.time() - t_all)
     metrics["memory_plan"] = memory.plan_record(memory_plan, res, rss_cap)
+    if inputs.canaries:
+        from forge_rt.privacy.runaudit import audit_run, save_canaries
+        save_canaries(run / "audit", inputs.canaries)
+        print(f"audit: {len(inputs.canaries)} canaries against {cfg.audit_candidates} candidates each, base and tuned ...",
+              flush=True)
+        metrics["audit"] = audit_run(model, tok, inputs.canaries, run / "audit", cfg.audit_candidates, cfg.seed,
+                                     cfg.max_len)
     metrics["exports"] = deliver.export(cfg, run, inputs.evals, metrics.get("score_tuned"))
     deliver.finish_sovereign(cfg, run, inputs.train_path, passphrase, metrics)
     if guard is not None:
