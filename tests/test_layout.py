@@ -12,7 +12,7 @@ import pytest
 import forge_rt
 
 PKG = Path(forge_rt.__file__).parent
-CLIS = ["train", "generate", "memmap", "seal", "info", "plan", "export", "evaluate", "bench"]
+CLIS = ["train", "generate", "memmap", "seal", "info", "plan", "export", "evaluate", "bench", "audit"]
 
 
 @pytest.mark.parametrize("name", ["nf4.quantize", "nf4.dequantize", "nf4.NF4Weight", "ops.qlora_linear",
@@ -32,7 +32,7 @@ def test_every_domain_error_derives_from_forge_error():
                        "forge_rt.train.checkpoint": ["CheckpointError"], "forge_rt.train.place": ["RunError"],
                        "forge_rt.sovereign.scrub": ["ScrubError"], "forge_rt.sovereign.seal": ["SealError"],
                        "forge_rt.sovereign.passphrase": ["PassphraseError"],
-                       "forge_rt.sovereign": ["EgressBlocked"]}.items():
+                       "forge_rt.sovereign": ["EgressBlocked"], "forge_rt.privacy": ["DPError"]}.items():
         m = importlib.import_module(mod)
         for n in names:
             assert issubclass(getattr(m, n), ForgeError), f"{mod}.{n}"
