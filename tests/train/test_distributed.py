@@ -1,6 +1,7 @@
 """Data-parallel training under torchrun (issue 16), on CPU with gloo: 2 ranks give the single-process result
-for the same global batch, rank 0 alone writes the run, a dead rank stops the other within bounded time and
-the run resumes with one process."""
+for the same global batch (per-step tokens, pre-clip gradient norms, losses, adapter, eval predictions), rank 0
+alone writes the run, a dead rank stops the other at once and the run resumes with one process. Rank 1 is
+held before step 3 (HOLD below) so that a signal or a kill lands at a known step of a 6-step run."""
 from __future__ import annotations
 
 import json
@@ -23,17 +24,64 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def tiny(smollm2, tmp_path_factory):
+def tiny(smol_tok, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    return (make_tiny_model_dir(root / "model", smollm2[1]), write_jsonl(root / "train.jsonl", tiny_rows()),
+    return (make_tiny_model_dir(root / "model", smol_tok), write_jsonl(root / "train.jsonl", tiny_rows()),
             write_jsonl(root / "eval.jsonl", tiny_rows(6)))
 
 
-def _torchrun(n: int, args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+# sitecustomize for the workers: every rank appends its pre-clip gradient norm of each step to NORMS.rank<r>;
+# rank 1 waits before optimizer step HOLD_AT until the file RELEASE exists.
+HOOK = """
+import os, time
+import torch
+from forge_rt.train import loop
+rank, env = os.environ.get("RANK", "0"), os.environ
+if env.get("FRT_TEST_NORMS"):
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(params, max_norm, *a, **k):
+        norm = real_clip(params, max_norm, *a, **k)
+        with open(env["FRT_TEST_NORMS"] + ".rank" + rank, "a") as f:
+            f.write(repr(float(norm)) + "\\n")
+        return norm
+
+    torch.nn.utils.clip_grad_norm_ = recording_clip
+if env.get("FRT_TEST_HOLD_AT") and rank == "1":
+    real_step = loop._step
+
+    def held_step(model, tok_data, cfg, st, *a, **k):
+        if st.step + 1 == int(env["FRT_TEST_HOLD_AT"]):
+            while not os.path.exists(env["FRT_TEST_RELEASE"]):
+                time.sleep(0.05)
+        return real_step(model, tok_data, cfg, st, *a, **k)
+
+    loop._step = held_step
+"""
+
+
+def _torchrun(n: int, args: list[str], tmp_path: Path, **hook_env: str) -> subprocess.Popen:
+    hook = tmp_path / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(HOOK)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(REPO)]), "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": "", **hook_env}
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                              str(n), "-m", "forge_rt.train", *args], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _held(tiny, run: Path, tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, Path]:
+    """A 2-rank, 6-step run whose rank 1 waits before step 3 until the returned file is created."""
+    release = tmp_path / "release"
+    proc = _torchrun(2, _args(tiny, run, "--max-steps", "6", "--no-eval", *extra), tmp_path,
+                     FRT_TEST_HOLD_AT="3", FRT_TEST_RELEASE=str(release))
+    _wait_for_checkpoint(proc, run, 2)
+    return proc, release
+
+
+def _steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def _args(tiny, out: Path, *extra: str) -> list[str]:
@@ -44,12 +92,24 @@ def _args(tiny, out: Path, *extra: str) -> list[str]:
     return args
 
 
-def test_two_ranks_equal_one_process_and_adapter_loads_in_peft(tiny, tmp_path):
+def test_two_ranks_equal_one_process_and_adapter_loads_in_peft(tiny, tmp_path, monkeypatch):
     one, two = tmp_path / "one", tmp_path / "two"
+    norms_one, real_clip = [], torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda *a, **k: norms_one.append(float(n := real_clip(*a, **k))) or n)
     assert train.main(_args(tiny, one)) == 0
-    proc = _torchrun(2, _args(tiny, two))
+    monkeypatch.undo()
+    proc = _torchrun(2, _args(tiny, two), tmp_path, FRT_TEST_NORMS=str(tmp_path / "norms"))
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
+    # Each step: the global batch's tokens once (not once per rank) and the gradient of the global mean loss
+    # (a rank's part over the global label count: the pre-clip norm, before AdamW and clipping hide a scale).
+    ta, tb = ([json.loads(l)["tokens"] for l in (r / "metrics.jsonl").read_text().splitlines()] for r in (one, two))
+    assert tb == ta and len(ta) == 4 and min(ta) > 0
+    assert len(norms_one) == 4 and min(norms_one) > 0
+    for rank in (0, 1):
+        norms = [float(x) for x in (tmp_path / f"norms.rank{rank}").read_text().split()]
+        torch.testing.assert_close(norms, norms_one, rtol=1e-5, atol=0)
     from safetensors.torch import load_file
     a, b = (load_file(r / "adapter/adapter_model.safetensors") for r in (one, two))
     assert a.keys() == b.keys()
@@ -59,6 +119,9 @@ def test_two_ranks_equal_one_process_and_adapter_loads_in_peft(tiny, tmp_path):
     torch.testing.assert_close(lb, la, rtol=1e-5, atol=0)
     ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (one, two))
     assert (mb["score_base"], mb["score_tuned"]) == (ma["score_base"], ma["score_tuned"])  # gathered eval
+    # The predictions themselves (the random tiny model scores 0 either way): every rank's share gathered.
+    assert mb["samples_tuned"] == ma["samples_tuned"] and len(ma["samples_tuned"]) == 5
+    assert any(s["prediction"] for s in ma["samples_tuned"]), ma["samples_tuned"]
     assert mb["ppl_retention_base"] == pytest.approx(ma["ppl_retention_base"], rel=1e-6)
     assert mb["distributed"] == {"ranks": 2, "backend": "gloo", "rendezvous": "localhost"}
     # Rank 1 wrote only its memory record; rank 0 everything else (one memory picture per rank).
@@ -88,25 +151,21 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
 
 
 def test_dead_rank_stops_the_other_and_one_process_resumes(tiny, tmp_path):
+    """Rank 1, held before step 3, is killed while rank 0 waits in step 3's all-reduce. The timeout is 300 s:
+    the survivor must find the lost peer from the closed connection, not by waiting the timeout out."""
     run = tmp_path / "run"
-    proc = _torchrun(2, _args(tiny, run, "--max-steps", "40", "--checkpoint-every", "1", "--no-eval",
-                              "--dist-timeout", "30"))
-    deadline = time.time() + 300
-    while not (run / "checkpoints" / "step-00000002").exists():
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:] if proc.poll() else "slow"
-        time.sleep(0.2)
+    proc, _ = _held(tiny, run, tmp_path, "--checkpoint-every", "1", "--dist-timeout", "300")
     os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
     t0 = time.time()
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and time.time() - t0 < 60, err[-3000:]
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode != 0 and time.time() - t0 < 30, (time.time() - t0, err[-3000:])
     # The surviving rank says why in one line (torchrun's own report of the killed worker follows it).
     assert err.count("error: rank 0 of 2 lost the other ranks") == 1, err[-3000:]
-    done = max(int(p.name[5:]) for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))
-    assert 2 <= done < 40 and not (run / "adapter").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
+    assert _steps(run) == [1, 2] and not (run / "adapter").exists()
     # One process picks the run up from the global data position and finishes it.
     assert train.main(["--resume", str(run), "--no-live"]) == 0
-    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 41)) and (run / "adapter/adapter_model.safetensors").is_file()
+    assert _steps(run) == list(range(1, 7)) and (run / "adapter/adapter_model.safetensors").is_file()
 
 
 def test_a_lost_peer_is_said_even_when_torchruns_sigterm_follows(capsys):
@@ -133,24 +192,25 @@ def _wait_for_checkpoint(proc, run: Path, step: int) -> None:
 
 
 def test_sigterm_to_one_rank_ends_every_rank_after_a_checkpoint(tiny, tmp_path):
+    """SIGTERM reaches rank 1 alone while it is held before step 3; released, it carries the stop in step 3's
+    all-reduce, and both ranks end after step 3, which rank 0 checkpoints (checkpoint-every is 2)."""
     run = tmp_path / "run"
-    proc = _torchrun(2, _args(tiny, run, "--max-steps", "40", "--checkpoint-every", "2", "--no-eval"))
-    _wait_for_checkpoint(proc, run, 2)
+    proc, release = _held(tiny, run, tmp_path, "--checkpoint-every", "2")
     os.kill(_rank_pid(proc.pid, 1), signal.SIGTERM)  # one worker only, not the launcher
+    time.sleep(0.5)  # the handler runs in rank 1's hold loop
+    release.touch()
     t0 = time.time()
     out, err = proc.communicate(timeout=120)
     assert time.time() - t0 < 60, err[-3000:]
     # Both ranks stopped at the same step end (the all-reduce carries the stop): rank 0 checkpointed it.
-    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
-    last = max(int(p.name[5:]) for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))
-    assert 2 <= last < 40 and steps == list(range(1, last + 1)), (steps, last)
+    assert _steps(run) == [1, 2, 3], err[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
     # Each rank says how to continue; no traceback of ours (torchrun prints its own for the exit code 143).
     assert (out + err).count("Continue with: python -m forge_rt.train --resume") >= 1, (out + err)[-3000:]
     assert not re.search(r'File "[^"]*/forge_rt/', err), err[-3000:]
     assert "lost the other ranks" not in err  # a clean, agreed stop, not a lost peer
     assert train.main(["--resume", str(run), "--no-live"]) == 0  # one process finishes it
-    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 41))
+    assert _steps(run) == list(range(1, 7))
 
 
 NAN_ON_RANK_1 = """
