@@ -119,6 +119,31 @@ FORGE_HD inline void get_scale_min(const uint8_t* s, int j, int* sc, int* m) {
   }
 }
 
+// Final Q4_K/Q5_K levels against the rounded 6-bit scales and mins in `out` (a zero scale keeps the
+// search's levels, as ggml does), packed: low nibbles of value pairs 32 apart, 5th bits in qh.
+FORGE_HD inline void pack_k_affine(const float* x, uint8_t* L, uint8_t* out, int bits) {
+  const int nmax = (1 << bits) - 1;
+  for (int j = 0; j < 8; ++j) {
+    int sc, m;
+    get_scale_min(out + 4, j, &sc, &m);
+    const float d = get_half(out) * sc;
+    if (!d) continue;
+    const float dm = get_half(out + 2) * m;
+    for (int i = 0; i < 32; ++i) L[32 * j + i] = static_cast<uint8_t>(kmax(0, kmin(nmax, nearest_int((x[32 * j + i] + dm) / d))));
+  }
+  uint8_t* qh = bits == 5 ? out + 16 : nullptr;
+  uint8_t* q = out + (bits == 5 ? 48 : 16);
+  if (qh) for (int j = 0; j < 32; ++j) qh[j] = 0;
+  for (int n = 0, pair = 0; n < kQK; n += 64, ++pair) {
+    for (int l = 0; l < 32; ++l) {
+      const int l1 = L[n + l], l2 = L[n + l + 32];
+      if (qh) qh[l] |= static_cast<uint8_t>(((l1 >> 4) << (2 * pair)) | ((l2 >> 4) << (2 * pair + 1)));
+      q[l] = static_cast<uint8_t>((l1 & 0xF) | ((l2 & 0xF) << 4));
+    }
+    q += 32;
+  }
+}
+
 // Q4_K (bits 4) and Q5_K (bits 5): 8 sub-blocks of 32 with a 6-bit scale and min each.
 // Plain: per-sub-block weights av + |x|, the 8 scales and mins quantized against their max. Weighted
 // (qw non-null): weights qw*sqrt(sigma2+x^2), a 37-step search per sub-block, and the 8 scales and
@@ -170,27 +195,8 @@ FORGE_HD inline void k_affine_superblock(const float* x, const float* qw, uint8_
   for (int j = 0; j < 8; ++j) put_scale_min(s, j, kmin<uint8_t>(63, Ls[j]), kmin<uint8_t>(63, Lm[j]));
   put_half(out, d_block);
   put_half(out + 2, m_block);
-  for (int j = 0; j < 8; ++j) {  // final levels against the rounded scales; a zero scale keeps the search's
-    int sc, m;
-    get_scale_min(s, j, &sc, &m);
-    const float d = get_half(out) * sc;
-    if (!d) continue;
-    const float dm = get_half(out + 2) * m;
-    for (int i = 0; i < 32; ++i) L[32 * j + i] = static_cast<uint8_t>(kmax(0, kmin(nmax, nearest_int((x[32 * j + i] + dm) / d))));
-  }
-  uint8_t* qh = bits == 5 ? out + 16 : nullptr;
-  uint8_t* q = out + (bits == 5 ? 48 : 16);
-  if (qh) for (int j = 0; j < 32; ++j) qh[j] = 0;
-  for (int n = 0, pair = 0; n < kQK; n += 64, ++pair) {
-    for (int l = 0; l < 32; ++l) {
-      const int l1 = L[n + l], l2 = L[n + l + 32];
-      if (qh) qh[l] |= static_cast<uint8_t>(((l1 >> 4) << (2 * pair)) | ((l2 >> 4) << (2 * pair + 1)));
-      q[l] = static_cast<uint8_t>((l1 & 0xF) | ((l2 & 0xF) << 4));
-    }
-    q += 32;
-  }
+  pack_k_affine(x, L, out, bits);
 }
-
 // Q6_K: 16 sub-blocks of 16 with signed 8-bit scales; qw (may be null) weights the per-sub-block fit.
 FORGE_HD inline void q6_k_superblock(const float* x, const float* qw, uint8_t* out) {
   int8_t L[kQK];
