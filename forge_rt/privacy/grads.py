@@ -49,7 +49,7 @@ class _Tap(torch.autograd.Function):
     def forward(ctx, y, x, layer):
         ctx.layer = layer
         ctx.save_for_backward(x)
-        return y.view_as(y)
+        return y.clone()  # not a view of y: the model may modify the layer's output in place
 
     @staticmethod
     def backward(ctx, g):

@@ -88,3 +88,14 @@ def test_remove_restores_the_model_and_refusals():
         b = batch()
         b["labels"][1] = -100
         example_losses(tiny_lora(), **b)
+
+
+def test_tapped_output_may_be_modified_in_place():
+    model = tiny_lora()
+    grads = PerExampleGrads(model)
+    layer = model.base_model.model.model.layers[0].mlp.up_proj
+    x = torch.randn(2, 3, 64, requires_grad=True)
+    y = layer(x)
+    y.mul_(2.0)  # a view returned by the tap node would refuse this
+    y.sum().backward()
+    assert grads.layers[[la.name for la in grads.layers].index("base_model.model.model.layers.0.mlp.up_proj")].dA.shape == (2, 4, 64)
