@@ -10,7 +10,7 @@ import torch
 
 from forge_rt.core.dist import SINGLE, Dist
 from forge_rt.data import prompt_text
-from forge_rt.eval.score import N_SAMPLES, score_predictions
+from forge_rt.eval.score import score_examples
 
 
 def _device(model) -> torch.device:
@@ -85,10 +85,6 @@ def evaluate(model, tokenizer, examples, retention_text: str, batch_size: int = 
         ppl = retention_perplexity(model, tokenizer, retention_text, dist=dist)
     finally:
         model.train(was_training)
-    refs = [ex["messages"][-1]["content"] for ex in examples]
-    result = score_predictions(answers, refs)
-    result["ppl_retention"] = ppl
-    result["samples"] = [{"prompt": ex["messages"][-2]["content"], "reference": ref, "prediction": ans}
-                         for ex, ref, ans in list(zip(examples, refs, answers))[:N_SAMPLES]]
-    result["seconds"] = time.perf_counter() - t0
+    result = score_examples(examples, answers)
+    result.update(ppl_retention=ppl, seconds=time.perf_counter() - t0, engine="pytorch")
     return result

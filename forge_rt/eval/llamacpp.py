@@ -9,7 +9,7 @@ from pathlib import Path
 
 from forge_rt.core.errors import ForgeError
 
-from forge_rt.eval.score import score_predictions
+from forge_rt.eval.score import score_examples
 
 
 class LlamaCppError(ForgeError, RuntimeError):
@@ -28,18 +28,24 @@ def _xllamacpp():
 class LlamaCppEngine:
     """A GGUF model (+ optional GGUF LoRA adapter) loaded in llama.cpp, answering greedily."""
 
-    def __init__(self, gguf, lora=None, n_ctx: int = 2048, threads: int | None = None):
+    def __init__(self, gguf, lora=None, n_ctx: int = 2048, threads: int | None = None, n_parallel: int = 1):
+        """`n_parallel` slots decode that many sequences at once (continuous batching), each with a context
+        of `n_ctx` tokens."""
         xlc = _xllamacpp()
         for path in (gguf, lora):
             if path is not None and not Path(path).is_file():
                 raise LlamaCppError(f"{path} does not exist")
         params = xlc.CommonParams()
         params.model.path = str(gguf)
-        params.n_ctx = n_ctx
+        params.n_parallel = n_parallel
+        params.n_ctx = n_ctx * n_parallel  # llama.cpp splits the context evenly between the slots
         params.warmup = False
+        params.verbosity = -1
         params.sampling.temp = 0.0
         params.sampling.top_k = 1
-        params.cpuparams.n_threads = threads or len(os.sched_getaffinity(0))
+        for cpu in (params.cpuparams, params.cpuparams_batch):
+            cpu.n_threads = threads or len(os.sched_getaffinity(0))
+            cpu.poll = 0  # sleep, not spin, between ops: spinning threads stall on a shared, busy machine
         if lora is not None:
             params.lora_adapters = [xlc.CommonAdapterLoraInfo(str(lora), 1.0)]
         try:
@@ -59,6 +65,18 @@ class LlamaCppEngine:
     def answers(self, conversations: list[list[dict]], max_tokens: int = 64) -> list[str]:
         return [self.chat(messages, max_tokens) for messages in conversations]
 
+    def complete(self, prompts: list[list[int]], max_tokens: int = 64) -> list[str]:
+        """Greedy continuations of prompts given as token ids, all queued at once: the server's slots decode
+        them side by side. Token ids (not text) so the prompt is exactly the one PyTorch sees."""
+        res = self.server.handle_completions({"prompt": prompts, "n_predict": max_tokens, "temperature": 0.0,
+                                              "top_k": 1, "cache_prompt": False})
+        if "error" in res:
+            raise LlamaCppError(f"llama.cpp: {res['error']}")
+        choices = sorted(res["choices"], key=lambda c: c["index"])
+        if len(choices) != len(prompts):
+            raise LlamaCppError(f"llama.cpp answered {len(choices)} of {len(prompts)} prompts")
+        return [c["text"].strip() for c in choices]
+
 
 def evaluate_gguf(gguf, lora=None, eval_rows=None, max_new_tokens: int = 64, threads: int | None = None) -> dict:
     """The held-out composite score (forge_rt.evaluate's scoring) of a GGUF (+ LoRA GGUF) in llama.cpp.
@@ -71,8 +89,6 @@ def evaluate_gguf(gguf, lora=None, eval_rows=None, max_new_tokens: int = 64, thr
     engine = LlamaCppEngine(gguf, lora, threads=threads)
     t0 = time.perf_counter()
     answers = engine.answers([ex["messages"][:-1] for ex in rows], max_new_tokens)
-    result = score_predictions(answers, [ex["messages"][-1]["content"] for ex in rows])
-    result["samples"] = [{"prompt": ex["messages"][-2]["content"], "reference": ex["messages"][-1]["content"],
-                          "prediction": ans} for ex, ans in list(zip(rows, answers))[:5]]
+    result = score_examples(rows, answers)
     result.update(seconds=time.perf_counter() - t0, engine="llama.cpp (xllamacpp)", gguf=str(gguf), lora=None if lora is None else str(lora))
     return result

@@ -59,3 +59,12 @@ def score_predictions(predictions: list[str], references: list[str]) -> dict:
         field_acc += sum(match.values()) / len(match) if match else 1.0
     parts = {"exact": exact / n, "field_acc": field_acc / n, "valid_json": valid / n}
     return {"score": 100 * sum(WEIGHTS[k] * parts[k] for k in WEIGHTS), **parts, "n": n}
+
+
+def score_examples(examples, answers: list[str]) -> dict:
+    """score_predictions of `answers` against each example's last message, with the first few as samples."""
+    refs = [ex["messages"][-1]["content"] for ex in examples]
+    result = score_predictions(answers, refs)
+    result["samples"] = [{"prompt": ex["messages"][-2]["content"], "reference": ref, "prediction": ans}
+                         for ex, ref, ans in list(zip(examples, refs, answers))[:N_SAMPLES]]
+    return result

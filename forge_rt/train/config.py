@@ -71,6 +71,7 @@ class TrainConfig:
     eval_limit: int | None = field(default=None, metadata=dict(help="evaluate on the first N held-out examples only"))
     eval_batch_size: int = field(default=32, metadata=dict(help="generation batch size for the evaluation"))
     max_new_tokens: int = field(default=64, metadata=dict(help="greedy tokens generated per evaluation example"))
+    eval_engine: str = field(default="auto", metadata=dict(help="what generates the evaluation's answers: llamacpp (the base as trained + this run's adapter as GGUFs, --eval-batch-size sequences decoded at once; needs xllamacpp), pytorch (HF generate), auto (llamacpp when xllamacpp is installed and the architecture exports to GGUF)", choices=["auto", "llamacpp", "pytorch"]))
     # Sovereign data handling.
     scrub: str = field(default="mask", metadata=dict(help="PII scrubbing of training text before tokenization", choices=["mask", "hash", "drop-row", "off"]))
     seal: bool = field(default=False, metadata=dict(help="encrypt the adapter at the end (passphrase from FORGE_RT_PASSPHRASE or a prompt) and remove the plaintext"))
@@ -268,7 +269,7 @@ def resolve(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
 # the data order (a field added to TrainConfig is refused on resume until it is listed here).
 RESUME_MAY_CHANGE = frozenset({
     "output", "overwrite", "eval_data", "retention_text", "no_paging", "paging_budget", "grad_checkpointing",
-    "checkpoint_every", "log_every", "no_live", "no_eval", "eval_limit", "eval_batch_size", "max_new_tokens",
+    "checkpoint_every", "log_every", "no_live", "no_eval", "eval_limit", "eval_batch_size", "max_new_tokens", "eval_engine",
     "seal", "shred_data", "isolate", "memory", "memory_budget", "no_rss_cap", "export", "export_quant",
     "dist_backend", "dist_timeout", "audit_candidates"})  # the number of ranks is not a flag: the global batch fixes the result
 

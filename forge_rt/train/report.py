@@ -122,6 +122,10 @@ def render_markdown(m: dict, plots: list[str]) -> str:
                      f"{_fmt(p.get('ratio'))}x compression, {_fmt((p.get('bytes_spilled') or 0) / 2**20)} MiB spilled to disk "
                      f"({p.get('codec', '')})")
     lines += _memory_plan_lines(m.get("memory_plan"), m.get("pre_step_rss_bytes"))
+    if m.get("eval"):
+        e = m["eval"]
+        base = f"cached (`{e['base_cached_from']}`)" if e["base_cached"] else f"{_fmt(e['base_seconds'])} s"
+        lines.append(f"- evaluation engine: {e['engine']}; base model {base}, tuned {_fmt(e['tuned_seconds'])} s")
     for e in m.get("exports") or []:
         lines.append(f"- export `{e.get('kind')}`: `{e.get('output')}` ({(e.get('bytes') or 0) / 2**20:.1f} MiB)"
                      + _llamacpp_score(e))

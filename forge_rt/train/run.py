@@ -12,21 +12,20 @@ import torch
 
 from forge_rt.core.dist import SINGLE, Dist
 from forge_rt.data import tokenize_examples
-from forge_rt.eval.hf import evaluate
 from forge_rt.models import build_model, load_model
 from forge_rt.train import checkpoint as ckpt
 from forge_rt.train import deliver, memory
 from forge_rt.train.config import TrainConfig, save_config
 from forge_rt.train.console import Stop
+from forge_rt.train.evaluation import RunEval, eval_record
 from forge_rt.train.inputs import Inputs
 from forge_rt.train.loop import _mark, read_metrics, train_loop
 from forge_rt.train.place import RunPlace, save_adapter
 
 
-def _evaluate(model, tok, evals, retention, cfg: TrainConfig, dist: Dist) -> dict:
-    # eval mode, no_grad and timing are evaluate()'s own
-    return evaluate(model, tok, evals, retention, batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
-                    dist=dist)
+def _evaluate(evaluator: RunEval, model, tok, tuned: bool) -> dict:
+    # eval mode, no_grad, timing and the base score's cache are the evaluator's own
+    return evaluator.tuned(model, tok) if tuned else evaluator.base(model, tok)
 
 
 def _prepare(cfg: TrainConfig, run: Path, inputs: Inputs, dist: Dist):
@@ -73,11 +72,14 @@ def _train_and_eval(model, tok, tok_data, inputs: Inputs, cfg: TrainConfig, run:
     # [distributed] rank 0 reads the checkpoint and the run directory; every rank gets what it found.
     resume_state = dist.from_main(lambda: _load_resume(run), "resume") if resume is not None else None
     eval_base_path = run / "eval_base.json"
-    evals, retention = inputs.evals, inputs.retention
+    evals = inputs.evals
     do_eval = not cfg.no_eval and evals is not None
     do_base = dist.broadcast(do_eval and not eval_base_path.exists())
     if not cfg.no_eval and evals is None:
         print("eval: skipped, no --eval-data given for this dataset", flush=True)
+    evaluator = RunEval(cfg, inputs, dist) if do_eval else None
+    if evaluator is not None:
+        print(f"eval: {evaluator.describe()}", flush=True)
     pager = memory.make_pager(cfg, run, data_info["memory_plan"])
     monitor = memory.start_monitor(run, pager, dist)
     t_eval, tuned_res, paging_stats = 0.0, None, None
@@ -85,9 +87,8 @@ def _train_and_eval(model, tok, tok_data, inputs: Inputs, cfg: TrainConfig, run:
     with Stop() as stop:
         try:
             if do_base:
-                print("eval: base model ...", flush=True)
                 _mark(monitor, "eval")
-                base_res = _evaluate(model, tok, evals, retention, cfg, dist)
+                base_res = _evaluate(evaluator, model, tok, tuned=False)
                 t_eval += base_res["seconds"]
                 if dist.is_main:
                     eval_base_path.write_text(json.dumps(_jsonable(base_res, t_eval)))
@@ -99,9 +100,8 @@ def _train_and_eval(model, tok, tok_data, inputs: Inputs, cfg: TrainConfig, run:
             if dist.is_main:
                 save_adapter(model, tok, run)
             if do_eval:
-                print("eval: tuned model ...", flush=True)
                 _mark(monitor, "eval")
-                tuned_res = _evaluate(model, tok, evals, retention, cfg, dist)
+                tuned_res = _evaluate(evaluator, model, tok, tuned=True)
                 t_eval += tuned_res["seconds"]
         finally:
             monitor.stop()
@@ -136,6 +136,7 @@ def run_training(cfg: TrainConfig, place: RunPlace, inputs: Inputs, resume: str 
                                    data=data_info, scrub=inputs.scrub, paging=paging_stats, fused_summary=summary,
                                    eval_time_s=t_eval, total_time_s=time.time() - t_all)
     metrics["memory_plan"] = memory.plan_record(memory_plan, res, rss_cap)
+    metrics["eval"] = eval_record(base_res, tuned_res)
     if inputs.canaries:
         from forge_rt.privacy.runaudit import audit_run, save_canaries
         save_canaries(run / "audit", inputs.canaries)
