@@ -238,7 +238,7 @@ def test_unsupported_arch_for_gguf(smol_tok, tmp_path, capsys):
 
 
 def test_quant_the_gguf_package_cannot_write(tiny_run, tmp_path, capsys):
-    msg = _cli(capsys, tiny_run, "--to", "gguf", "--quant", "q4_k_m", "--out", tmp_path / "o.gguf")
+    msg = _cli(capsys, tiny_run, "--to", "gguf", "--quant", "iq4_xs", "--out", tmp_path / "o.gguf")
     assert "cannot write" in msg and "f16, bf16, q8_0" in msg and "q4_0" in msg
 
 
