@@ -18,7 +18,7 @@ from forge_rt.core.atomic import write_atomic
 from forge_rt.core.errors import ForgeError
 from forge_rt.data.formats import PROMPT_FORMATS
 from forge_rt.models.build import LoraSpec
-from forge_rt.plan.estimate import SizeError, parse_bytes  # noqa: F401 (parse_bytes re-exported)
+from forge_rt.plan.estimate import SizeError, parse_bytes
 
 
 class ConfigError(ForgeError, ValueError):
