@@ -72,6 +72,10 @@ def check_causal(path: Path) -> None:
     )
     config = model_config(path)
     archs = list(getattr(config, "architectures", None) or [])
+    if getattr(config, "vision_config", None) is not None:  # e.g. Gemma3ForConditionalGeneration, Llava
+        raise ModelLoadError(f"{path} holds a multimodal {', '.join(archs) or config.model_type} model (model_type "
+                             f"{config.model_type!r}, with a vision tower); forge_rt trains text-only decoders: pass "
+                             "a text-only checkpoint of the family (a *ForCausalLM, e.g. Gemma3ForCausalLM)")
     causal = set(CAUSAL.values())
     if (archs and not causal.intersection(archs)) or config.model_type not in CAUSAL:
         raise ModelLoadError(f"{path} holds a {', '.join(archs) or config.model_type} model (model_type "
