@@ -143,12 +143,12 @@ class TrainConfig:
 _MINIMUM = {"lora_r": 1, "lora_alpha": 1e-6, "batch_size": 1, "grad_accum": 1, "max_len": 2, "eval_batch_size": 1,
             "max_new_tokens": 1, "weight_decay": 0.0, "warmup_steps": 0, "max_steps": 0, "epochs": 0.0,
             "max_grad_norm": 0.0, "checkpoint_every": 0, "log_every": 1, "eval_limit": 1, "seed": 0,
-            "dist_timeout": 1.0, "dp_epsilon": 1e-6, "dp_noise": 0.0, "dp_clip": 1e-12, "audit_candidates": 1}
+            "dist_timeout": 1.0, "dp_epsilon": 1e-6, "dp_noise": 1e-6, "dp_clip": 1e-12, "audit_candidates": 1}
 _WHY = {"max_len": "an example needs a prompt token and a response token",
         "max_steps": "0 means use --epochs; a negative count would train nothing and save an untrained adapter",
         "log_every": "progress is printed every N steps",
         "weight_decay": "a negative decay pushes weights away from zero",
-        "max_grad_norm": "0 disables clipping", "checkpoint_every": "0 means only at the end / on interrupt"}
+        "max_grad_norm": "0 disables clipping", "dp_noise": "without noise there is no privacy to account", "checkpoint_every": "0 means only at the end / on interrupt"}
 
 def _bool_flag(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:
     parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action="store_true",
