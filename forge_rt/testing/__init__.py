@@ -92,6 +92,26 @@ def lora_model(model, r: int = 16, alpha: int = 32, targets=LLAMA_TARGETS, **kw)
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), **kw))
 
 
+def dense_twin(model):
+    """A deep copy of a quantize_model model with each NF4Linear replaced by a plain nn.Linear holding its
+    weight dequantized by forge_rt.nf4.dequantize (not the fused kernels): stock PEFT over it is the oracle
+    for the fused path, with no 4-bit base computation shared between the two."""
+    import copy
+    from forge_rt import nf4
+    from forge_rt.nn import NF4Linear
+    twin = copy.deepcopy(model)
+    for name, mod in list(twin.named_modules()):
+        if isinstance(mod, NF4Linear):
+            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+            with torch.no_grad():
+                lin.weight.copy_(nf4.dequantize(mod.nf4, torch.float32))
+                if mod.bias is not None:
+                    lin.bias.copy_(mod.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(twin.get_submodule(parent), child, lin)
+    return twin
+
+
 def to_bnb4bit(model, skip: str = "lm_head"):
     """Every nn.Linear (but `skip`) replaced, in place, by a bitsandbytes Linear4bit (NF4, blocksize 64,
     double quantization) that bitsandbytes quantizes itself on the CPU."""

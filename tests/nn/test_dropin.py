@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 import forge_rt.nn as swap  # noqa: E402
 from forge_rt.nn import peft as fused_peft  # noqa: E402
-from forge_rt.testing import rel_err  # noqa: E402
+from forge_rt.testing import dense_twin, rel_err  # noqa: E402
 
 TOL = 1e-5
 FAMILIES = ("llama", "qwen2", "mistral", "phi3", "gemma")
@@ -71,7 +71,7 @@ def _pair(family, **kw):
     """(stock PEFT over the dense twin of quantize_model's NF4 model, accelerated PEFT over the NF4 model, both
     with the same LoRA init) and the number of accelerated LoRA layers."""
     model = swap.quantize_model(_tiny(family))
-    twin = _dense_twin(model)
+    twin = dense_twin(model)
     torch.manual_seed(5)
     stock = _peft(twin, **kw)
     torch.manual_seed(5)
@@ -267,24 +267,6 @@ def test_trigger_sequence_over_bitsandbytes(nested):
     assert all(rel_err(grads[n], want_grads[n]) < 10 * tol for n in want_grads)
 
 
-def _dense_twin(model):
-    """A copy of a quantize_model model with each NF4Linear replaced by an nn.Linear holding its dequantized
-    weight (forge_rt.nf4.dequantize, not the fused kernels): what stock PEFT over full-precision layers
-    computes, the oracle of every comparison here."""
-    from forge_rt import nf4
-    twin = copy.deepcopy(model)
-    for name, mod in list(twin.named_modules()):
-        if isinstance(mod, swap.NF4Linear):
-            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
-            with torch.no_grad():
-                lin.weight.copy_(nf4.dequantize(mod.nf4, torch.float32))
-                if mod.bias is not None:
-                    lin.bias.copy_(mod.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(twin.get_submodule(parent), child, lin)
-    return twin
-
-
 def test_merge_adapter_and_merge_and_unload_over_nf4():
     stock, fused, n = _pair("phi3")
     ids = _ids()
@@ -304,7 +286,7 @@ def test_merge_adapter_and_merge_and_unload_over_nf4():
 @pytest.mark.parametrize("kw", [{"use_dora": True}, {"init_lora_weights": "olora"}], ids=["dora", "olora"])
 def test_dora_and_olora_over_nf4_match_peft_over_dequantized_layers(kw):
     model = swap.quantize_model(_tiny("llama"))
-    twin = _dense_twin(model)
+    twin = dense_twin(model)
     torch.manual_seed(3)
     pm = _peft(model, **kw)
     torch.manual_seed(3)

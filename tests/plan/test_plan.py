@@ -1,5 +1,5 @@
-"""The memory planner and what it composes: the chunked loss gives the stock loss curve over the same
-NF4 weights, the activation model matches saved-tensor counts, the modes choose as documented,
+"""The memory planner and what it composes: the chunked loss gives the loss curve of stock PEFT over the
+dequantized NF4 weights, the activation model matches saved-tensor counts, the modes choose as documented,
 checkpointing composes with the pager (layer inputs spilled, gradients bit-identical), and the
 `python -m forge_rt.plan` command answers from a config alone."""
 import subprocess
@@ -12,7 +12,7 @@ import forge_rt
 from forge_rt.nn.lm_loss import causal_lm_loss
 from forge_rt.plan import Shapes, estimate, plan
 from forge_rt.plan.estimate import SizeError, parse_bytes, saved_floats_per_token
-from forge_rt.testing import lora_model
+from forge_rt.testing import dense_twin, lora_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -37,8 +37,13 @@ def batch(n=3, t=24, vocab=512):
 
 
 def train_losses(chunked: bool, steps: int = 4) -> list[float]:
-    model = lora_model(forge_rt.quantize_model(tiny()), r=4, alpha=8, init_lora_weights=False)
-    forge_rt.accelerate(model, enable=chunked)  # stock PEFT forward over the same NF4 weights when False
+    model = forge_rt.quantize_model(tiny())
+    if not chunked:  # stock PEFT and transformers' loss over plain nn.Linear layers holding the dequantized NF4
+        model = dense_twin(model)
+    torch.manual_seed(2)  # the same LoRA init on both sides
+    model = lora_model(model, r=4, alpha=8, init_lora_weights=False)
+    if chunked:
+        forge_rt.accelerate(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for step in range(steps):
@@ -51,7 +56,7 @@ def train_losses(chunked: bool, steps: int = 4) -> list[float]:
     return losses
 
 
-def test_loss_curve_equals_the_stock_path_over_the_same_nf4_weights():
+def test_loss_curve_equals_stock_peft_over_the_dequantized_weights():
     ours, stock = train_losses(True), train_losses(False)
     assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(ours, stock)), (ours, stock)
 
@@ -124,11 +129,40 @@ def test_a_spilled_plan_fits_its_budget_with_the_largest_spill(mode, budget_gib)
     assert under.spill_budget == 0 and under.predicted_peak == floor and "still exceeds the budget" in under.reason
 
 
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves while `fn` runs (parameters and leaves excluded)."""
+    seen = {}
+
+    def pack(t):
+        if not (isinstance(t, torch.nn.Parameter) or (t.is_leaf and t.requires_grad)):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
 def test_chunked_loss_is_what_shrinks_long_context():
+    """Measured on a tiny model with a wide vocabulary (2 x 256 tokens, half labelled): the stock loss keeps
+    the full logits for backward (what the planner's stock logits part must cover), the chunked loss a small
+    fraction of them; at SmolLM2's shape and 8192 tokens the planner predicts the same shrinking."""
+    vocab, n, t = 8192, 2, 256
+    model = lora_model(forge_rt.quantize_model(tiny(vocab_size=vocab, num_hidden_layers=1)), r=4)
+    forge_rt.accelerate(model)
+    b = batch(n=n, t=t, vocab=vocab)
+
+    def stock():  # transformers' loss: cross-entropy over every position's fp32 logits
+        logits = model(input_ids=b["input_ids"]).logits.float()
+        torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), b["labels"][:, 1:].reshape(-1))
+    kept = _saved_bytes(stock) - _saved_bytes(lambda: causal_lm_loss(model, **b))
+    sh = Shapes.from_config(model.config)
+    est = {c: estimate(sh, n, t, checkpointing=False, chunked_loss=c, labelled_fraction=0.5).parts["logits"]
+           for c in (False, True)}
+    assert n * t * vocab * 4 <= kept <= est[False] - est[True], (kept, est)
     sh = Shapes(vocab=49152, hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, tied=True)
     full = estimate(sh, 1, 8192, checkpointing=True, chunked_loss=False)
     chunked = estimate(sh, 1, 8192, checkpointing=True, chunked_loss=True)
-    assert full.parts["logits"] == 3 * 8192 * 49152 * 4 and chunked.parts["logits"] < full.parts["logits"] / 20
+    assert chunked.parts["logits"] < full.parts["logits"] / 20
 
 
 def test_sizes_parse_or_say_how():
