@@ -7,7 +7,7 @@ import os
 import torch
 
 from forge_rt.models.paths import ModelLoadError, check_causal, check_complete, check_model_path, default_gguf_path
-from forge_rt.models.gguf_file import apply_rope_freqs, check_gguf
+from forge_rt.models.gguf_file import apply_rope_freqs
 from forge_rt.models.stream_load import load_nf4
 from forge_rt.sovereign.guard import set_offline_env
 
@@ -39,9 +39,7 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
     from transformers import AutoModelForCausalLM
 
     p = check_model_path(path if path is not None else default_gguf_path())
-    if p.is_file():
-        check_gguf(p)
-    else:
+    if not p.is_file():
         check_causal(p)
     tok = tokenizer if tokenizer is not None else load_tokenizer(p)
     try:

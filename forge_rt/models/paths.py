@@ -39,6 +39,8 @@ def check_model_path(path: str | os.PathLike) -> Path:
         with open(p, "rb") as fh:
             if fh.read(4) != b"GGUF":
                 raise ModelLoadError(f"{p} is not a GGUF file (bad magic); the file may be corrupt or truncated")
+        from forge_rt.models.gguf_file import check_gguf  # it needs ModelLoadError from here
+        check_gguf(p)  # a vision projector, or a tensor type nothing can dequantize: said before any load
         return p
     if not (p / "config.json").exists():
         raise ModelLoadError(f"{p} has no config.json; it is not a HF model directory")

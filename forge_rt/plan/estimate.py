@@ -7,7 +7,11 @@ What each part counts (fp32 activations on a CPU, 16-bit on GPUs):
 - runtime: the interpreter, torch, transformers and PEFT once imported (measured here, see RUNTIME);
   on a CUDA device the CUDA context instead (and on unified-memory Jetsons both);
 - weights: targeted linears in NF4 (half a byte per weight plus a byte per 64-weight block),
-  everything else (embeddings, norms, an untied head) in the model dtype;
+  everything else (embeddings, norms, biases, an untied head) at `Shapes.embed_bytes` a weight: the
+  trainer loads fp32 on every device (4), a bf16 load 2, an NF4 embedding NF4_BYTES_PER_WEIGHT. With a
+  large vocabulary this part dominates (Gemma 3 270M: 168M of its 268M weights are the tied embedding);
+  `Shapes.from_config` counts both parts on the model built on the meta device (every family's norms,
+  q/k norms and biases; a tied head once);
 - lora_adam: LoRA weights, their gradients and AdamW's two moments, all fp32;
 - activations: what autograd saves in the decoder: per token and layer, SAVED_PER_TOKEN floats for
   the fused path (fitted to saved-tensor counts, tests/plan checks it against fresh counts), or with
@@ -71,6 +75,8 @@ class Shapes:
     kv_heads: int
     tied: bool
     head_dim: int = 0
+    embed_bytes: float = 4.0  # bytes per weight of everything but the NF4 linears
+    counted: tuple[int, int] | None = None  # (linear, other) weights counted on the model, when known
 
     def __post_init__(self):
         self.head_dim = self.head_dim or self.hidden // self.heads
@@ -83,7 +89,7 @@ class Shapes:
                    layers=text.num_hidden_layers, heads=heads,
                    kv_heads=getattr(text, "num_key_value_heads", None) or heads,
                    tied=bool(getattr(cfg, "tie_word_embeddings", False)),
-                   head_dim=getattr(text, "head_dim", None) or 0)
+                   head_dim=getattr(text, "head_dim", None) or 0, counted=count_weights(cfg))
 
     @property
     def kv_dim(self) -> int:
@@ -95,10 +101,30 @@ class Shapes:
         return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
 
     def linear_params(self) -> int:
+        if self.counted:
+            return self.counted[0]
         return self.layers * sum(a * b for a, b in self.linear_shapes())
 
     def other_params(self) -> int:
+        if self.counted:
+            return self.counted[1]
         return self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden
+
+
+def count_weights(cfg) -> tuple[int, int] | None:
+    """(weights of the linears forge_rt quantizes, all other weights) of `cfg`'s causal LM built on the meta
+    device, as the streaming loader builds it (a tied head counted once); None when transformers cannot
+    build it (the formula of Shapes then stands)."""
+    import torch
+    from torch import nn
+    try:
+        from forge_rt.models.stream_load import skeleton
+        model = skeleton(cfg, torch.float32)
+    except Exception:  # noqa: BLE001 - an architecture transformers cannot build: the shapes' formula
+        return None
+    head = model.get_output_embeddings()
+    linear = sum(m.weight.numel() for m in model.modules() if type(m) is nn.Linear and m is not head)
+    return linear, sum(p.numel() for p in model.parameters()) - linear
 
 
 @dataclass
@@ -141,7 +167,7 @@ def estimate(shapes: Shapes, batch: int, seq_len: int, *, checkpointing: bool, c
     heap = HEAP_RETAINED.get(device, 0.0) * (activations + logits + workspace)
     return Estimate({
         "runtime": runtime,
-        "weights": int(shapes.linear_params() * NF4_BYTES_PER_WEIGHT + shapes.other_params() * act_bytes),
+        "weights": int(shapes.linear_params() * NF4_BYTES_PER_WEIGHT + shapes.other_params() * shapes.embed_bytes),
         "lora_adam": lora * 4 * 4,
         "activations": int(activations),
         "logits": int(logits),
