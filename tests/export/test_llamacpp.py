@@ -22,9 +22,9 @@ PROMPTS = ["Reading 3: temperature 61 C. Verdict?", "What is the capital of Fran
            "Pump P-3 vibrates at 9 mm/s. Status?", "List three colours."]
 
 
-def _torch_answers(model, tok, n_tokens):
+def _torch_answers(model, tok, n_tokens, n_prompts=len(PROMPTS)):
     out = []
-    for p in PROMPTS:
+    for p in PROMPTS[:n_prompts]:
         enc = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)
         with torch.no_grad():
@@ -33,9 +33,9 @@ def _torch_answers(model, tok, n_tokens):
     return out
 
 
-def _llamacpp_answers(gguf_path, n_tokens, lora=None):
+def _llamacpp_answers(gguf_path, n_tokens, lora=None, n_prompts=len(PROMPTS)):
     engine = LlamaCppEngine(gguf_path, lora, n_ctx=512, threads=1)
-    return engine.answers([[{"role": "user", "content": p}] for p in PROMPTS], n_tokens)
+    return engine.answers([[{"role": "user", "content": p}] for p in PROMPTS[:n_prompts]], n_tokens)
 
 
 def test_tiny_merged_gguf_answers_like_pytorch(tiny_run, tmp_path):
@@ -99,7 +99,8 @@ def test_smollm2_gguf_in_gguf_out(smollm2, tmp_path):
     assert lora_out.stat().st_size < 2 * 2**20
 
     peft_model.eval()
-    assert _llamacpp_answers(merged_out, 16) == _torch_answers(merge(peft_model), tok, 16)
+    # Three prompts, 12 tokens: exact (all five over 16 tokens were; the tiny f32 tests cover every prompt)
+    assert _llamacpp_answers(merged_out, 12, n_prompts=3) == _torch_answers(merge(peft_model), tok, 12, n_prompts=3)
     # The adapter goes over the unchanged Q4_1 base, so the oracle is the adapter over the fp32 decode of
     # that file (not training's NF4 base). llama.cpp's Q4_1 path rounds activations to 8 bits, so answers
     # drift apart after a while (measured: 2 of 5 identical over 16 tokens, 4 of 5 over the first 24
@@ -115,8 +116,13 @@ def test_evaluate_gguf_scores_with_forge_rt_scoring(tiny_run, tmp_path):
     from forge_rt.cli.evaluate import main
     out = tmp_path / "m.gguf"
     export_run(tiny_run, {"gguf": out}, quant="q8_0")
-    rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": '{"status": "OK"}'}]}
-            for p in PROMPTS[:2]]
+    # References equal to llama.cpp's own answers (asked here directly) must score 100; one of two off, 50.
+    answers = _llamacpp_answers(out, 8)[:2]
+    assert all(answers), answers
+    rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}
+            for p, a in zip(PROMPTS, answers)]
     res = evaluate_gguf(out, eval_rows=rows, max_new_tokens=8, threads=1)
-    assert res["n"] == 2 and 0 <= res["score"] <= 100 and len(res["samples"]) == 2
+    assert res["n"] == 2 and res["score"] == 100 and [s["prediction"] for s in res["samples"]] == answers
+    rows[1]["messages"][-1]["content"] += " and more"
+    assert evaluate_gguf(out, eval_rows=rows, max_new_tokens=8, threads=1)["score"] == 50
     assert main(["--gguf", str(tmp_path / "missing.gguf"), "--limit", "1"]) == 2

@@ -6,10 +6,10 @@ from forge_rt import models as model_load
 
 
 @pytest.fixture(scope="module")
-def tiny(smollm2, tmp_path_factory):
+def tiny(smol_tok, tmp_path_factory):
     """(model dir, train.jsonl): a tiny random Llama with SmolLM2's tokenizer, one per test module."""
     root = tmp_path_factory.mktemp("tiny")
-    return make_tiny_model_dir(root / "model", smollm2[1]), write_jsonl(root / "train.jsonl", tiny_rows())
+    return make_tiny_model_dir(root / "model", smol_tok), write_jsonl(root / "train.jsonl", tiny_rows())
 
 
 @pytest.fixture

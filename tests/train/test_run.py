@@ -36,6 +36,9 @@ def _block_outbound(monkeypatch) -> list:
 def test_default_path_writes_complete_run_dir_offline(tiny, tmp_path, monkeypatch):
     model_dir, data = tiny
     attempts = _block_outbound(monkeypatch)
+    from forge_rt.train import memory
+    caps, real_cap = [], memory.cap_rss
+    monkeypatch.setattr(memory, "cap_rss", lambda *a: caps.append(real_cap(*a)) or caps[-1])
     evals = write_jsonl(tmp_path / "eval.jsonl", tiny_rows(4))
     run = tmp_path / "run"
     args = tiny_args(model_dir, data, run, "--max-len", "56", "--eval-data", str(evals), "--max-new-tokens", "4",
@@ -58,7 +61,8 @@ def test_default_path_writes_complete_run_dir_offline(tiny, tmp_path, monkeypatc
     assert m["fused"] is True and m["steps"] == 6
     plan = m["memory_plan"]  # the planner's choice, its prediction beside the measured peak, the RSS cap's work
     assert plan["mode"] == "speed" and plan["measured_peak"] == m["peak_rss_bytes_train"]
-    assert plan["rss_cap"] >= 1.05 * plan["predicted_peak"] - 1 and plan["heap_trims"] >= 0
+    assert (plan["heap_trims"], plan["rss_cap"]) == (caps[0].trims, caps[0].cap)  # the trainer's own RssCap
+    assert plan["rss_cap"] >= 1.05 * plan["predicted_peak"] - 1
     assert m["data"]["format"] == "prompt_completion" and m["data"]["n_truncated"] > 0  # max_len 56 truncates
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["max_len"] == 56 and cfg["lora_r"] == 4 and cfg["model"] == str(model_dir)
@@ -151,6 +155,22 @@ def test_export_at_the_end_scores_each_gguf_in_llamacpp(tiny, tmp_path):
     assert "llamacpp" not in exports["gguf-base"] and "llamacpp" not in exports["hf"]
     report = (run / "report.md").read_text()
     assert report.count("in llama.cpp") == 2 and "over `" in report and "MiB" in report
+    # The scoring pairs each export with its base: scored against references equal to what llama.cpp itself
+    # answers with that pair (asked here directly), each gives 100; the recorded scores are those answers'.
+    from forge_rt.data import load_examples
+    from forge_rt.eval.llamacpp import LlamaCppEngine
+    from forge_rt.eval.score import score_examples
+    from forge_rt.train import deliver
+    rows = list(load_examples(evals))
+    pairs = {"gguf": (run / "export" / "model-f16.gguf", None),
+             "gguf-lora": (run / "export" / "base-f16.gguf", run / "export" / "adapter-f16.gguf")}
+    for kind, (model, lora) in pairs.items():
+        answers = LlamaCppEngine(model, lora, n_ctx=512, threads=1).answers([r["messages"][:-1] for r in rows], 4)
+        assert exports[kind]["llamacpp"]["score"] == score_examples(rows, answers)["score"], kind
+        own = [{**r, "messages": [*r["messages"][:-1], {"role": "assistant", "content": a}]} for r, a in zip(rows, answers)]
+        recs = [dict(exports[k], llamacpp=None) for k in ((kind,) if kind == "gguf" else (kind, "gguf-base"))]
+        deliver._score_exports(recs, own, 4)
+        assert recs[0]["llamacpp"]["score"] == 100 and recs[0]["llamacpp"]["n"] == 3, (kind, answers)
 
 
 @pytest.mark.slow
