@@ -39,7 +39,6 @@ def check_model_path(path: str | os.PathLike) -> Path:
         with open(p, "rb") as fh:
             if fh.read(4) != b"GGUF":
                 raise ModelLoadError(f"{p} is not a GGUF file (bad magic); the file may be corrupt or truncated")
-        from forge_rt.models.gguf_file import check_gguf  # it needs ModelLoadError from here
         check_gguf(p)  # a vision projector, or a tensor type nothing can dequantize: said before any load
         return p
     if not (p / "config.json").exists():
@@ -92,3 +91,33 @@ def check_complete(path: Path, info: dict) -> None:
         shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
         raise ModelLoadError(f"{path} is missing {len(missing)} tensor(s) of its model: {shown}; the checkpoint is "
                              "incomplete (copy it again, or check that all weight shards are there)")
+
+
+def dequantizable(qtype) -> bool:
+    """Whether the `gguf` package can turn tensors of GGML type `qtype` into floats."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import _type_traits  # the registry `gguf.dequantize` itself dispatches on
+    return qtype in (Q.F32, Q.F16) or qtype in _type_traits
+
+
+def check_gguf(path: Path) -> None:
+    """Refuses, before anything is loaded, a GGUF that is a vision projector or holds a tensor whose type
+    cannot be dequantized (naming the first such tensor and its type)."""
+    from gguf import GGUFReader
+    try:
+        reader = GGUFReader(path)
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        raise ModelLoadError(f"could not load model from {path}: the GGUF is truncated or corrupt "
+                             f"({type(exc).__name__}: {exc}); copy it again") from None
+    field = reader.fields.get("general.architecture")
+    arch = field.contents() if field is not None else None
+    if arch == "clip":
+        raise ModelLoadError(f"{path} is a multimodal projector (mmproj, architecture 'clip'), not a language "
+                             "model; pass the text model's .gguf (forge_rt trains text-only decoders)")
+    bad = [t for t in reader.tensors if not dequantizable(t.tensor_type)]
+    if bad:
+        t = bad[0]
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise ModelLoadError(f"{path}: tensor {t.name} is of GGML type {t.tensor_type.name}, which the gguf package "
+                             f"cannot dequantize{more}; convert the file to a type it reads (e.g. Q8_0, Q4_K or "
+                             "F16 with llama.cpp's llama-quantize) or pass the HF directory")
