@@ -1,7 +1,6 @@
 """`export_run`: a run (or adapter + base) to one or more of hf / gguf / gguf-lora, each with a manifest."""
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 
@@ -74,7 +73,8 @@ def export_run(run=None, targets: dict | None = None, *, adapter=None, model=Non
     imat = _imatrix(imatrix, quant, targets, src)
     if not src.base_is_gguf and {"gguf", "gguf-lora", "gguf-base"} & set(targets):
         check_hf_arch(model_config(src.model).model_type)
-    peft_model, tok = load(src, passphrase_file)
+    # gguf-lora alone needs the LoRA matrices and the base's shapes, never its weights
+    peft_model, tok = load(src, passphrase_file, weights=set(targets) != {"gguf-lora"})
     source_gguf = src.model if src.base_is_gguf else None
     records = []
 
@@ -92,27 +92,19 @@ def export_run(run=None, targets: dict | None = None, *, adapter=None, model=Non
         rec["manifest"] = str(write_manifest(rec, out))
         records.append(rec)
 
-    if "gguf-lora" in targets:  # before the merge, which folds the adapter away
+    if "gguf-lora" in targets:
         write("gguf-lora", lambda tmp: write_gguf_lora(peft_model, tmp, quant or "f16", source_gguf),
               base_gguf_needed=str(source_gguf) if source_gguf else None,
               base_as_trained=str(targets["gguf-base"]) if "gguf-base" in targets else None)
-    # The merge folds the adapter into peft_model in place; gguf-base needs the base untouched. A copy of the
-    # 4-bit model is a fraction of the fp32 merge, and a second load would ask a sealed run's passphrase again.
-    base = peft_model
-    if "gguf-base" in targets and {"gguf", "hf"} & set(targets):
-        base = copy.deepcopy(peft_model)
-    if "gguf" in targets or "hf" in targets:
-        t0 = time.perf_counter()
-        merged = merge(peft_model, torch.float32 if "gguf" in targets else DTYPES[dtype])
-        merge_s = time.perf_counter() - t0
-        if "gguf" in targets:
-            write("gguf", lambda tmp: write_gguf(merged, tok, tmp, quant or "f16", source_gguf, imat),
-                  merge_seconds=round(merge_s, 2))
-        if "hf" in targets:
-            merged = merged.to(DTYPES[dtype])
-            write("hf", lambda tmp: write_hf(merged, tok, tmp, DTYPES[dtype]), merge_seconds=round(merge_s, 2))
-        del merged
+    # gguf and gguf-base stream from the 4-bit model, one layer folded (or decoded) at a time; it stays as it is
+    if "gguf" in targets:
+        write("gguf", lambda tmp: write_gguf(peft_model, tok, tmp, quant or "f16", source_gguf, imat))
     if "gguf-base" in targets:
-        base.base_model.disable_adapter_layers()
-        write("gguf-base", lambda tmp: write_gguf(merge(base, torch.float32), tok, tmp, quant or "f16", source_gguf, imat))
+        write("gguf-base", lambda tmp: write_gguf(peft_model, tok, tmp, quant or "f16", source_gguf, imat,
+                                                  adapters=False))
+    if "hf" in targets:  # a dense checkpoint by nature: merged in place, last
+        t0 = time.perf_counter()
+        merged = merge(peft_model, DTYPES[dtype])
+        merge_s = time.perf_counter() - t0
+        write("hf", lambda tmp: write_hf(merged, tok, tmp, DTYPES[dtype]), merge_seconds=round(merge_s, 2))
     return records

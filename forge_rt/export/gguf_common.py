@@ -81,17 +81,24 @@ def head_type(qtype):
     return gguf.GGMLQuantizationType.Q8_0 if qtype in _LOW_BIT else qtype
 
 
+def stored_type(shape, qtype):
+    """The type a tensor of `shape` is written as in a file of tensor type `qtype`: vectors stay F32 (as
+    llama.cpp's converter keeps norms and biases); a matrix whose rows don't fill whole blocks falls back to F16."""
+    if len(shape) == 1 or qtype == gguf.GGMLQuantizationType.F32:
+        return gguf.GGMLQuantizationType.F32
+    if qtype == gguf.GGMLQuantizationType.F16 or shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        return gguf.GGMLQuantizationType.F16
+    return qtype
+
+
 def encode(weight: torch.Tensor, qtype, imatrix: np.ndarray | None = None) -> tuple[np.ndarray, object]:
-    """(array, raw_dtype) for GGUFWriter.add_tensor. Vectors stay F32 (as llama.cpp's converter keeps
-    norms and biases); a matrix whose rows don't fill whole blocks falls back to F16. `imatrix`: per-column
+    """(array, raw_dtype) for GGUFWriter.add_tensor, of type stored_type(shape, qtype). `imatrix`: per-column
     importance weights (K-quants and legacy types then quantize as ggml does with an imatrix)."""
     data = weight.detach().float().contiguous().numpy()
-    if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+    qtype = stored_type(data.shape, qtype)
+    if qtype == gguf.GGMLQuantizationType.F32:
         return data, None
     if qtype == gguf.GGMLQuantizationType.F16:
-        return data.astype(np.float16), None
-    block = gguf.GGML_QUANT_SIZES[qtype][0]
-    if data.shape[-1] % block:
         return data.astype(np.float16), None
     if qtype in K_TYPES or (imatrix is not None and qtype in NATIVE_TYPES):
         return quantize(data, qtype, imatrix), qtype

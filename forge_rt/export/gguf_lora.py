@@ -10,7 +10,9 @@ from pathlib import Path
 
 import gguf
 
-from .gguf_common import PERMUTED_ARCHS, QUANTS, check_hf_arch, encode, gguf_name, name_map, to_llamacpp_rows
+from .gguf_common import (PERMUTED_ARCHS, QUANTS, check_hf_arch, encode, gguf_name, name_map, stored_type,
+                          to_llamacpp_rows)
+from .gguf_stream import Planned, write_streamed
 from .source import ExportError
 
 LORA_QUANTS = ("f32", "f16", "bf16", "q8_0")  # what llama.cpp's own converter writes for adapters
@@ -41,7 +43,7 @@ def write_gguf_lora(peft_model, out: Path, quant: str, source_gguf: Path | None)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-    n = 0
+    plan = []
     for hf_name, layer in peft_model.get_base_model().named_modules():
         if not isinstance(layer, LoraLayer) or adapter not in layer.lora_A:
             continue
@@ -57,13 +59,9 @@ def write_gguf_lora(peft_model, out: Path, quant: str, source_gguf: Path | None)
         if arch in PERMUTED_ARCHS:
             b = to_llamacpp_rows(b, name, config)
         for suffix, t in ((".lora_a", a), (".lora_b", b)):
-            data, raw = encode(t, qtype)
-            writer.add_tensor(name + suffix, data, raw_dtype=raw)
-        n += 1
-    if n == 0:
+            plan.append(Planned(name + suffix, tuple(t.shape), stored_type(tuple(t.shape), qtype),
+                                lambda t=t: encode(t, qtype)[0]))
+    if not plan:
         raise ExportError("the adapter has no LoRA layers to export")
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return n
+    write_streamed(writer, plan)
+    return len(plan) // 2

@@ -12,7 +12,9 @@ from pathlib import Path
 import gguf
 
 from .gguf_common import (PERMUTED_ARCHS, QUANTS, check_hf_arch, encode, gguf_name, head_type, name_map,
-                          to_llamacpp_rows)
+                          stored_type, to_llamacpp_rows)
+from .gguf_stream import Planned, write_streamed
+from .merge import lazy_weights
 from .gguf_arch import check_rope, extra_tensors, rope_theta, to_file_values, write_arch_keys
 from .imatrix import weights_for
 from .kquant import FILE_TYPES, tensor_types
@@ -22,10 +24,14 @@ from .source import ExportError
 _SKIP_KEYS = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version")
 
 
-def write_gguf(merged, tokenizer, out: Path, quant: str, source_gguf: Path | None, imatrix: dict | None = None) -> None:
-    """Writes file `out` (the caller makes it atomic). `imatrix`: GGUF tensor name -> importance weights."""
+def write_gguf(model, tokenizer, out: Path, quant: str, source_gguf: Path | None, imatrix: dict | None = None,
+               adapters: bool = True) -> None:
+    """Writes file `out` (the caller makes it atomic), one tensor at a time: `model` (a transformers model,
+    or a PEFT model over it, 4-bit or not) is never merged as a whole; each LoRA layer is folded
+    (`adapters`) or decoded as the base alone just before it is quantized and written.
+    `imatrix`: GGUF tensor name -> importance weights."""
     qtype, ftype = QUANTS[quant]
-    config = merged.config
+    config = getattr(model, "get_base_model", lambda: model)().config
     if source_gguf is not None:
         reader = gguf.GGUFReader(source_gguf)
         arch = reader.fields["general.architecture"].contents()
@@ -34,55 +40,68 @@ def write_gguf(merged, tokenizer, out: Path, quant: str, source_gguf: Path | Non
             if not field.name.startswith(_SKIP_KEYS):
                 sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
                 writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
-        layout = [(t.name, t) for t in reader.tensors]
     else:
         arch = check_hf_arch(config.model_type)
         writer = gguf.GGUFWriter(out, arch)
         _write_hf_metadata(writer, config, tokenizer)
-        layout = None
     writer.add_file_type(ftype)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-    tmap = name_map(arch, config)
-    weights = {}
-    for hf_name, tensor in merged.state_dict().items():
-        name = gguf_name(tmap, hf_name)
-        if name is not None:
-            weights[name] = tensor
+    weights = _gguf_weights(model, arch, config, adapters)
+    layout = [(t.name, t) for t in reader.tensors] if source_gguf is not None else None
     if layout is None:  # HF source: every mapped parameter; a tied output layer is the embedding
         if getattr(config, "tie_word_embeddings", False):
             weights.pop("output.weight", None)
-        weights.update(extra_tensors(arch, config))
+        weights.update({k: (tuple(v.shape), lambda v=v: v) for k, v in extra_tensors(arch, config).items()})
         layout = [(name, None) for name in weights]
+    write_streamed(writer, _plan(layout, weights, quant, config, arch, source_gguf, imatrix))
+
+
+def _gguf_weights(model, arch: str, config, adapters: bool) -> dict:
+    """GGUF tensor name -> (shape, fn giving the fp32 weight as the model holds it)."""
+    tmap = name_map(arch, config)
+    weights = {}
+    for hf_name, lazy in lazy_weights(model, adapters).items():
+        name = gguf_name(tmap, hf_name)
+        if name is not None:
+            weights[name] = lazy
+    return weights
+
+
+def _plan(layout, weights: dict, quant: str, config, arch: str, source_gguf, imatrix) -> list[Planned]:
+    """Every tensor of the file, in order, with its stored type and how to make its bytes."""
+    qtype = QUANTS[quant][0]
     head = "output.weight" if any(name == "output.weight" for name, _ in layout) else "token_embd.weight"
     mix = _k_mix(quant, layout, weights, config, arch)
+    plan = []
     for name, src in layout:
-        tensor = weights.get(name)
-        if tensor is None:
+        if name not in weights:
             if src is None:
                 raise ExportError(f"no weight for GGUF tensor {name}")
-            writer.add_tensor(name, src.data, raw_dtype=src.tensor_type)
+            plan.append(Planned(name, tuple(int(d) for d in reversed(src.shape.tolist())), src.tensor_type,
+                                lambda src=src: src.data))
             continue
-        if src is not None and tuple(int(d) for d in reversed(src.shape)) != tuple(tensor.shape):
-            raise ExportError(f"{name}: the model's weight is {tuple(tensor.shape)}, the source GGUF's is "
+        shape, fn = weights[name]
+        if src is not None and tuple(int(d) for d in reversed(src.shape.tolist())) != tuple(shape):
+            raise ExportError(f"{name}: the model's weight is {tuple(shape)}, the source GGUF's is "
                               f"{tuple(reversed(src.shape.tolist()))}; is the model built from {source_gguf}?")
-        if arch in PERMUTED_ARCHS:
-            tensor = to_llamacpp_rows(tensor, name, config)
-        tensor = to_file_values(arch, name, tensor)
-        qt = mix[name] if mix else head_type(qtype) if name == head else qtype
-        data, raw_dtype = encode(tensor, qt, weights_for(imatrix, name, tensor.shape[-1]) if tensor.dim() > 1 else None)
-        writer.add_tensor(name, data, raw_dtype=raw_dtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        qt = stored_type(shape, mix[name] if mix else head_type(qtype) if name == head else qtype)
+        plan.append(Planned(name, tuple(shape), qt, lambda name=name, fn=fn, qt=qt: _encoded(
+            name, fn(), qt, arch, config, imatrix)))
+    return plan
+
+
+def _encoded(name: str, tensor, qt, arch: str, config, imatrix) -> "np.ndarray":
+    if arch in PERMUTED_ARCHS:
+        tensor = to_llamacpp_rows(tensor, name, config)
+    tensor = to_file_values(arch, name, tensor)
+    return encode(tensor, qt, weights_for(imatrix, name, tensor.shape[-1]) if tensor.dim() > 1 else None)[0]
 
 
 def _k_mix(quant: str, layout, weights: dict, config, arch: str) -> dict | None:
     """Per-tensor types of a K-quant file type (llama.cpp's mix), None for single-type quants."""
     if quant not in FILE_TYPES:
         return None
-    shapes = [(name, tuple(weights[name].shape) if name in weights else tuple(int(d) for d in reversed(src.shape.tolist())))
+    shapes = [(name, tuple(weights[name][0]) if name in weights else tuple(int(d) for d in reversed(src.shape.tolist())))
               for name, src in layout]
     return tensor_types(shapes, quant, config.num_hidden_layers, arch=arch, n_head=config.num_attention_heads,
                         n_head_kv=getattr(config, "num_key_value_heads", None) or config.num_attention_heads)

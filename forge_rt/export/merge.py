@@ -52,19 +52,65 @@ def _plain_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.
     return out
 
 
-def _merged_lora(layer, dtype: torch.dtype) -> nn.Linear:
+def _active(layer, adapters: bool) -> list[str]:
+    if not adapters or layer.disable_adapters:
+        return []
+    names = [a for a in layer.active_adapters if a in layer.lora_A]
+    for name in names:
+        if layer.use_dora.get(name, False) or name in getattr(layer, "lora_variant", {}):
+            raise MergeError(f"adapter {name!r} is DoRA or another LoRA variant: merge supports plain LoRA only")
+    return names
+
+
+def _merged_weight(layer, adapters: bool = True) -> torch.Tensor:
+    """fp32 dequant(W) + scaling * B @ A of a LoRA layer (its base untouched)."""
+    weight = _base_weight(layer.get_base_layer())
+    for name in _active(layer, adapters):
+        weight = weight + layer.get_delta_weight(name).float()  # a new tensor: the base stays intact
+    return weight
+
+
+def _merged_bias(layer, adapters: bool = True) -> torch.Tensor | None:
     base = layer.get_base_layer()
-    weight = _base_weight(base)
     bias = None if base.bias is None else base.bias.detach().float()
-    if not layer.disable_adapters:
-        for name in (a for a in layer.active_adapters if a in layer.lora_A):
-            if layer.use_dora.get(name, False) or name in getattr(layer, "lora_variant", {}):
-                raise MergeError(f"adapter {name!r} is DoRA or another LoRA variant: merge supports plain LoRA only")
-            weight = weight + layer.get_delta_weight(name).float()  # a new tensor: the base stays intact
-            lb = layer.lora_B[name].bias
-            if lb is not None:  # PEFT's lora_bias: B's bias is added unscaled
-                bias = lb.detach().float() if bias is None else bias + lb.detach().float()
-    return _plain_linear(weight, bias, dtype)
+    for name in _active(layer, adapters):
+        lb = layer.lora_B[name].bias
+        if lb is not None:  # PEFT's lora_bias: B's bias is added unscaled
+            bias = lb.detach().float() if bias is None else bias + lb.detach().float()
+    return bias
+
+
+def _merged_lora(layer, dtype: torch.dtype) -> nn.Linear:
+    return _plain_linear(_merged_weight(layer), _merged_bias(layer), dtype)
+
+
+def lazy_weights(model: nn.Module, adapters: bool = True) -> dict:
+    """HF parameter name -> (shape, fn giving its fp32 value), as merge() would leave them, without merging:
+    each LoRA layer is folded (or, `adapters` False, its base decoded) only when its fn is called, so an
+    exporter holds one layer's fp32 copy at a time. `model` is left as it is."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    out, skip = {}, None
+    for name, module in inner.named_modules():
+        if skip is not None and name.startswith(skip):
+            continue  # inside a layer already taken whole (pre-order: its subtree follows it)
+        pre = name + "." if name else ""
+        if isinstance(module, LoraLayer) or _is_4bit(module):
+            base = module.get_base_layer() if isinstance(module, LoraLayer) else module
+            lora = isinstance(module, LoraLayer)
+            out[pre + "weight"] = ((base.out_features, base.in_features), (lambda m=module: _merged_weight(m, adapters))
+                                   if lora else (lambda m=module: _base_weight(m)))
+            if base.bias is not None or (lora and _merged_bias(module, adapters) is not None):
+                out[pre + "bias"] = ((base.out_features,), (lambda m=module: _merged_bias(m, adapters))
+                                     if lora else (lambda b=base.bias: b.detach().float()))
+            skip = pre
+            continue
+        for key, p in module._parameters.items():
+            if p is not None:
+                out[pre + key] = (tuple(p.shape), lambda p=p: p.detach().float())
+    return out
 
 
 def merge(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:

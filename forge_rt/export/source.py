@@ -76,8 +76,26 @@ def _check_fits(base, adapter_dir: Path, model_path: Path) -> None:
                                   f"has no matching layer; is it the base model the adapter was trained on?")
 
 
-def load(src: Source, passphrase_file=None):
-    """(PEFT model, tokenizer) of the source, adapter loaded (a sealed one decrypted in memory)."""
+def shapes_only(model_path: Path):
+    """The base model with every parameter a zero-stride view of one zero: its shapes and nothing else
+    (what the LoRA layers need to be built over; no weight is read)."""
+    import torch
+    from torch import nn
+    from forge_rt.models.paths import model_config
+    from forge_rt.models.stream_load import skeleton
+
+    base = skeleton(model_config(model_path), torch.float32)
+    for module in base.modules():
+        for key, p in module._parameters.items():
+            if p is not None:
+                module._parameters[key] = nn.Parameter(torch.zeros((), dtype=p.dtype).expand(p.shape),
+                                                       requires_grad=False)
+    return base
+
+
+def load(src: Source, passphrase_file=None, weights: bool = True):
+    """(PEFT model, tokenizer) of the source, adapter loaded (a sealed one decrypted in memory). Without
+    `weights` the base is its shapes only (shapes_only) and the tokenizer None: enough for gguf-lora."""
     phrase = None
     if src.sealed:  # asked before the base model loads (it takes a while)
         from forge_rt.sovereign import seal  # needs the seal extra (cryptography): only for a sealed adapter
@@ -87,16 +105,19 @@ def load(src: Source, passphrase_file=None):
         except seal.SealError as exc:
             raise ExportError(str(exc)) from None
     try:
-        base, tok = load_model(src.model)
+        if weights:  # as training loaded it: streamed into NF4 (or full precision for a --no-fused run)
+            base, tok = load_model(src.model, nf4=not src.no_fused)
+        else:
+            base, tok = shapes_only(src.model), None
     except ModelLoadError as exc:
         raise ExportError(str(exc)) from None
-    if src.tokenizer is not None:
+    if src.tokenizer is not None and weights:
         tok = load_tokenizer(src.tokenizer)
     if not src.sealed:
         _check_fits(base, src.adapter, src.model)
     # a sealed adapter from a run directory must be that run's own (the identity recorded at sealing)
     binding = RunDir(src.run).identity() if src.sealed and src.run is not None else None
-    spec = LoraSpec(fused=not src.no_fused)  # the adapter's own config gives rank and targets
+    spec = LoraSpec(fused=weights and not src.no_fused)  # the adapter's own config gives rank and targets
     try:
         if src.sealed:
             model = build_model(base, spec, sealed=src.adapter, passphrase=phrase, binding=binding)

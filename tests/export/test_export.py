@@ -256,15 +256,22 @@ def test_output_exists_without_overwrite(tiny_run, tmp_path, capsys):
     assert out.read_bytes()[:4] == b"GGUF"
 
 
-def test_disk_full_leaves_nothing_under_the_final_name(tiny_run, tmp_path, monkeypatch, capsys):
-    def half_then_enospc(self, *a, **k):
-        self.fout[0].write(b"\0" * 4096)  # some bytes land, then the disk is full
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+@pytest.mark.parametrize("kind", ["gguf", "gguf-base", "gguf-lora"])
+def test_disk_full_mid_write_leaves_nothing(kind, tiny_run, tmp_path, monkeypatch, capsys):
+    """The disk fills after some tensors are written: one error line, no file, no partial file."""
+    real, written = gguf.GGUFWriter.write_tensor_data, []
 
-    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", half_then_enospc)
+    def enospc_midway(self, tensor, *a, **k):
+        if len(written) == 3:
+            self.fout[0].write(b"\0" * 100)  # a few bytes of the 4th tensor land, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written.append(tensor.nbytes)
+        return real(self, tensor, *a, **k)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", enospc_midway)
     out = tmp_path / "m.gguf"
-    assert "No space left on device" in _cli(capsys, tiny_run, "--to", "gguf", "--out", out)
-    assert os.listdir(tmp_path) == []
+    assert "No space left on device" in _cli(capsys, tiny_run, "--to", kind, "--quant", "q8_0", "--out", out)
+    assert len(written) == 3 and os.listdir(tmp_path) == []
 
 
 def test_sealed_adapter(tiny_model, smol_tok, tmp_path, monkeypatch, capsys):
