@@ -11,9 +11,9 @@ from forge_rt.testing import make_tiny_model_dir, tiny_args, tiny_rows, write_js
 
 
 @pytest.fixture(scope="module")
-def run_dir(smollm2, tmp_path_factory):
+def run_dir(smol_tok, tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
-    model_dir = make_tiny_model_dir(root / "model", smollm2[1])
+    model_dir = make_tiny_model_dir(root / "model", smol_tok)
     data = write_jsonl(root / "train.jsonl", tiny_rows())
     run = root / "run"
     assert train.main(tiny_args(model_dir, data, run, "--max-steps", "3", "--lr", "2e-2", "--lora-dropout", "0")) == 0

@@ -33,7 +33,11 @@ def test_tiny_suite_writes_a_versioned_record_with_ratios(tiny_record):
     rec = record.load(tiny_record)
     assert rec["schema"] == record.SCHEMA and rec["suite"] == "tiny"
     assert {r["family"] for r in rec["rows"]} == {"kernels", "nf4", "paging"}
-    assert all(r["ratio"] > 0 for r in rec["rows"] if "baseline" in r)
+    # Every time, throughput and memory row is a ratio against a baseline measured in the same run.
+    measured = [r for r in rec["rows"] if r["unit"] in ("ms", "s", "GB/s", "MiB", "tokens/s")]
+    assert measured and [r["case"] for r in measured if "baseline" not in r] == []
+    for r in measured:
+        assert 0 < r["baseline_value"] < float("inf") and r["ratio"] == pytest.approx(r["value"] / r["baseline_value"])
     env = rec["env"]
     assert env["cpu"]["logical_cpus"] and env["versions"]["torch"] and env["memory"]["total_gib"]
     assert len(rec["loadavg"]["before"]) == 3 and len(rec["loadavg"]["after"]) == 3

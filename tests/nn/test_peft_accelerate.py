@@ -1,4 +1,5 @@
-"""forge_rt.nn (quantize_model, accelerate) on SmolLM2 (whole, and cut to its first decoder layer where CPU time matters): accelerate vs
+"""forge_rt.nn (quantize_model, accelerate) on SmolLM2 cut to its first decoder layer, and to its first DEEP_LAYERS
+(deep enough for the fused path's rounding to accumulate over layers against a 1e-4 bound): accelerate vs
 stock PEFT over bitsandbytes 4-bit, quantize_model + PEFT training, undo, and the skip summary."""
 import copy
 
@@ -15,6 +16,7 @@ from forge_rt.nn import peft as fused_peft  # noqa: E402
 
 TARGETS = list(LLAMA_TARGETS)
 N_LAYERS = 1
+DEEP_LAYERS = 8  # of 30: the whole model through bitsandbytes' CPU path took minutes for the same check
 
 
 def _cut_lm(smollm2, n_layers):
@@ -35,8 +37,8 @@ def small_lm(smollm2):
 
 
 @pytest.fixture
-def full_lm(smollm2):
-    return _cut_lm(smollm2, smollm2[0].config.num_hidden_layers)
+def deep_lm(smollm2):
+    return _cut_lm(smollm2, DEEP_LAYERS)
 
 
 def _lora(model, **kw):
@@ -58,7 +60,7 @@ def _step(pm, ids):
     return out.logits.detach(), grads
 
 
-@pytest.mark.parametrize("lm", ["small_lm", "full_lm"])
+@pytest.mark.parametrize("lm", ["small_lm", "deep_lm"])
 def test_accelerate_matches_stock_peft_over_bitsandbytes(lm, request):
     model, ids = request.getfixturevalue(lm)
     pm = _lora(to_bnb4bit(model))

@@ -177,8 +177,8 @@ def _examples(tmp_path, rows):
     return load_examples(_jsonl(tmp_path, rows))
 
 
-def test_labels_cover_exactly_the_response(smollm2, tmp_path):
-    _, tok = smollm2
+def test_labels_cover_exactly_the_response(smol_tok, tmp_path):
+    tok = smol_tok
     ex = _examples(tmp_path, [ALPACA, {"instruction": "Name a colour.", "output": "Blue, or maybe green."}])
     data = tokenize_examples(ex, tok, max_len=512)
     assert data.n_truncated == 0 and len(data) == 2 and not data.packed
@@ -194,8 +194,8 @@ def test_labels_cover_exactly_the_response(smollm2, tmp_path):
         assert ids == tok(full, add_special_tokens=False)["input_ids"][:len(ids)]
 
 
-def test_truncation_is_counted(smollm2, tmp_path):
-    _, tok = smollm2
+def test_truncation_is_counted(smol_tok, tmp_path):
+    tok = smol_tok
     long = {"instruction": "Repeat.", "output": "word " * 60}
     ex = _examples(tmp_path, [ALPACA, long, ALPACA])
     prompt_len = tokenize_examples(ex, tok, 512).labels[1].count(-100)
@@ -206,16 +206,16 @@ def test_truncation_is_counted(smollm2, tmp_path):
     assert data.input_ids[0] == tokenize_examples(ex, tok, 512).input_ids[0]
 
 
-def test_prompt_longer_than_context_is_an_error(smollm2, tmp_path):
-    _, tok = smollm2
+def test_prompt_longer_than_context_is_an_error(smol_tok, tmp_path):
+    tok = smol_tok
     ex = _examples(tmp_path, [ALPACA, {"instruction": "many words " * 80, "output": "ok"}])
     with pytest.raises(DataError, match="leaves no room") as err:
         tokenize_examples(ex, tok, max_len=64)
     assert err.value.line == 2 and "--max-len" in str(err.value)
 
 
-def test_collate_pads_right_and_masks(smollm2, tmp_path):
-    _, tok = smollm2
+def test_collate_pads_right_and_masks(smol_tok, tmp_path):
+    tok = smol_tok
     data = tokenize_examples(_examples(tmp_path, [ALPACA, {"instruction": "x " * 30, "output": "y"}]), tok, 512)
     a, b = data[0], data[1]
     batch = data.collate([a, b])
@@ -267,8 +267,8 @@ def test_collate_packed_padding():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
 
 
-def test_tokenize_empty_and_bad_max_len(smollm2, tmp_path):
-    _, tok = smollm2
+def test_tokenize_empty_and_bad_max_len(smol_tok, tmp_path):
+    tok = smol_tok
     no_template = copy.copy(tok)
     no_template.chat_template = None
     with pytest.raises(ValueError, match="no chat template"):
