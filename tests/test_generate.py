@@ -36,7 +36,7 @@ def _stock_model_on_nf4_values(model_dir, adapter_dir):
 def test_stock_peft_logits_match_forge_rt_inference(run_dir):
     model_dir, run = run_dir
     ours, tok, cfg = generate.load_run(run)
-    assert not cfg.no_fused and ours.forge_rt_summary["accelerated"] > 0
+    assert cfg.fused and ours.forge_rt_summary["accelerated"] > 0
     stock = _stock_model_on_nf4_values(model_dir, run / "adapter")
     batch = tok(["Reading 3: temperature 61 C. Verdict?", "a much longer second prompt, padded less"],
                 return_tensors="pt", padding=True)
