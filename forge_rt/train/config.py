@@ -60,7 +60,8 @@ class TrainConfig:
     paging_budget: str | None = field(default=None, metadata=dict(help="page saved activations, spilling to disk past this resident size, e.g. 512M or 2G (default: --memory decides)"))
     memory: str = field(default="auto", metadata=dict(help="memory plan: auto (least memory within 40%% of the fastest step, or the fastest that fits --memory-budget), speed (no recomputation), min (least memory)", choices=["auto", "speed", "min"]))
     export: str | None = field(default=None, metadata=dict(help="write deployable exports at the end, comma-separated: gguf (merged, llama.cpp), gguf-lora (llama.cpp adapter), gguf-base (the base as trained, for that adapter), hf (merged HF directory)"))
-    export_quant: str = field(default="f16", metadata=dict(help="GGUF tensor type of --export gguf/gguf-lora/gguf-base", choices=["f16", "bf16", "q8_0", "q4_0", "q4_1"]))
+    export_quant: str = field(default="f16", metadata=dict(help="GGUF tensor type of --export gguf/gguf-lora/gguf-base (K-quants: llama.cpp's per-tensor mix; gguf-lora takes f16, bf16, q8_0)", choices=["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q4_k_s", "q5_k_m", "q6_k"]))
+    imatrix: bool = field(default=False, metadata=dict(help="after training, one no-grad pass of the (scrubbed) training data through the tuned model collects an importance matrix (per-column mean squared input of every linear), written to RUN/export/imatrix.dat in llama.cpp's format and used to quantize --export gguf/gguf-base; needs a quantized --export-quant, e.g. q4_k_m"))
     memory_budget: str | None = field(default=None, metadata=dict(help="memory the run may use, e.g. 4G: the planner fits its choice under it"))
     no_rss_cap: bool = field(default=False, metadata=dict(help="let the heap keep what training frees (faster on machines with slow page faults; RSS then ends far above the planner's prediction)"))
     # Run control and reporting.
@@ -113,6 +114,12 @@ class TrainConfig:
         kinds = [k.strip() for k in (self.export or "").split(",") if k.strip()]
         if self.export is not None and (not kinds or set(kinds) - {"gguf", "gguf-lora", "gguf-base", "hf"}):
             raise ConfigError(f"--export {self.export!r}: give a comma-separated list of gguf, gguf-lora, gguf-base, hf")
+        if "gguf-lora" in kinds and self.export_quant not in ("f16", "bf16", "q8_0"):
+            raise ConfigError(f"--export gguf-lora with --export-quant {self.export_quant}: an adapter is f16, bf16 or "
+                              "q8_0; export the adapter in one of those, or drop gguf-lora")
+        if self.imatrix and (not {"gguf", "gguf-base"} & set(kinds) or self.export_quant in ("f16", "bf16")):
+            raise ConfigError("--imatrix weights the quantizer of the merged export: add --export gguf (or gguf-base) "
+                              "and a quantized --export-quant, e.g. q4_k_m")
         for name in ("paging_budget", "memory_budget"):
             if getattr(self, name) is not None:
                 try:
@@ -270,7 +277,7 @@ def resolve(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
 RESUME_MAY_CHANGE = frozenset({
     "output", "overwrite", "eval_data", "retention_text", "no_paging", "paging_budget", "grad_checkpointing",
     "checkpoint_every", "log_every", "no_live", "no_eval", "eval_limit", "eval_batch_size", "max_new_tokens", "eval_engine",
-    "seal", "shred_data", "isolate", "memory", "memory_budget", "no_rss_cap", "export", "export_quant",
+    "seal", "shred_data", "isolate", "memory", "memory_budget", "no_rss_cap", "export", "export_quant", "imatrix",
     "dist_backend", "dist_timeout", "audit_candidates"})  # the number of ranks is not a flag: the global batch fixes the result
 
 

@@ -10,22 +10,38 @@ EXPORT_NAMES = {"gguf": "model-{quant}.gguf", "gguf-lora": "adapter-{quant}.gguf
                 "hf": "hf"}
 
 
-def export(cfg: TrainConfig, run: Path, evals, pytorch_score: float | None = None) -> list[dict] | None:
+def export(cfg: TrainConfig, run: Path, evals, pytorch_score: float | None = None, tuned=None) -> list[dict] | None:
     """--export: the deployable files under RUN/export/ (before --seal shreds the plaintext adapter), each
     GGUF scored in llama.cpp on the held-out set when the run evaluates, beside `pytorch_score` (the tuned
-    model's score in PyTorch): a gap over report.GAP_WARN_POINTS is said loudly, here and in the report."""
+    model's score in PyTorch): a gap over report.GAP_WARN_POINTS is said loudly, here and in the report.
+    `tuned`: (tuned model, its tokenized training data), for --imatrix."""
     if not cfg.export:
         return None
     from forge_rt.export import export_run
     kinds = [k.strip() for k in cfg.export.split(",") if k.strip()]
     targets = {k: run / "export" / EXPORT_NAMES[k].format(quant=cfg.export_quant) for k in kinds}
     (run / "export").mkdir(exist_ok=True)
+    imatrix = _imatrix(cfg, run, tuned) if cfg.imatrix else None
     print(f"export: {', '.join(kinds)} ...", flush=True)
-    records = export_run(run, targets, quant=cfg.export_quant)
+    records = export_run(run, targets, quant=cfg.export_quant, imatrix=imatrix and imatrix["path"])
+    if imatrix:
+        for rec in records:
+            rec["imatrix"] = imatrix if rec["kind"] in ("gguf", "gguf-base") else None
     if evals is not None:
         _score_exports(records, evals, cfg.max_new_tokens)
         _check_gaps(records, pytorch_score)
     return records
+
+
+def _imatrix(cfg: TrainConfig, run: Path, tuned) -> dict:
+    """--imatrix: the tuned model's importance matrix from the run's scrubbed training data, RUN/export/imatrix.dat."""
+    from forge_rt.export.imatrix import ImatrixError
+    from forge_rt.export.imatrix_collect import write_run_imatrix
+    model, tok_data = tuned if tuned is not None else (None, None)
+    if model is None or not getattr(tok_data, "input_ids", None):
+        raise ImatrixError("--imatrix: no training data reached the end of the run to collect activations from")
+    print(f"imatrix: one pass over {len(tok_data.input_ids)} training sequences ...", flush=True)
+    return write_run_imatrix(model, tok_data.input_ids, run / "export" / "imatrix.dat", dataset=str(cfg.data or "demo"))
 
 
 def _check_gaps(records: list[dict], pytorch_score: float | None) -> None:

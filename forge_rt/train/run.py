@@ -144,7 +144,7 @@ def run_training(cfg: TrainConfig, place: RunPlace, inputs: Inputs, resume: str 
               flush=True)
         metrics["audit"] = audit_run(model, tok, inputs.canaries, run / "audit", cfg.audit_candidates, cfg.seed,
                                      cfg.max_len)
-    metrics["exports"] = deliver.export(cfg, run, inputs.evals, metrics.get("score_tuned"))
+    metrics["exports"] = deliver.export(cfg, run, inputs.evals, metrics.get("score_tuned"), tuned=(model, tok_data))
     deliver.finish_sovereign(cfg, run, inputs.train_path, passphrase, metrics)
     if guard is not None:
         metrics["egress_attempts"] = len(guard.attempts)
