@@ -164,6 +164,17 @@ def test_layers_import_only_downwards():
     assert not bad, bad
 
 
+def test_export_generate_plan_and_bench_stand_on_their_own_layers():
+    """The trainer is not the floor: model loading, data, evaluation and the command wrapper are layers of their
+    own, so export, generate, plan and bench (and their command lines) import nothing from forge_rt.train."""
+    users = [p for p in _modules() if p.relative_to(PKG).parts[0] in ("export", "plan", "bench")
+             or p.relative_to(PKG).as_posix() in ("cli/generate.py", "cli/plan.py", "cli/export.py", "cli/bench.py",
+                                                   "generate.py")]
+    bad = [f"{p.relative_to(PKG)}:{line} imports {mod}" for p in users for line, mod in _imports(p)
+           if mod.startswith("forge_rt.train")]
+    assert users and not bad, bad
+
+
 def test_no_import_cycle():
     """Module-level graph of every forge_rt import (function-level ones included): no cycle."""
     mods = {".".join(("forge_rt", *p.relative_to(PKG).with_suffix("").parts)).removesuffix(".__init__"): p
