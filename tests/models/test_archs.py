@@ -108,7 +108,8 @@ def test_trained_from_gguf_fused_and_its_export_runs_in_llamacpp(files, trained,
     assert summary["skipped"] == {} and summary["accelerated"] == 14  # 7 linears x 2 layers, none stock
     ours, tok, _ = load_run(trained / "run")
     head = ours.get_base_model().get_output_embeddings()
-    linears = [m for m in ours.get_base_model().modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    linears = [m for n, m in ours.get_base_model().named_modules()
+               if isinstance(m, torch.nn.Linear) and m is not head and ".lora_" not in n]  # LoRA A/B are plain
     assert linears and all(isinstance(m, NF4Linear) for m in linears)
     assert_llamacpp_matches(ours, trained / "base.gguf", tok, lora=trained / "lora.gguf")
     stock = PeftModel.from_pretrained(quantize_model(load_model(files[2])[0]), trained / "run" / "adapter").eval()
