@@ -1,11 +1,14 @@
 import copy
 import os
+import tempfile
 
 import pytest
 
 # Tests run offline: the hub libraries must never try the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Caches (base GGUFs, base scores, machine probe) are the session's own: a test never hits another run's entry.
+os.environ.setdefault("FORGE_RT_CACHE", tempfile.mkdtemp(prefix="forge_rt-test-cache-"))
 # Without a GPU, Triton kernels run in its interpreter on CPU tensors; it must be set before import.
 try:
     import torch
