@@ -2,7 +2,10 @@
 NF4 linears (models.stream_load)."""
 from __future__ import annotations
 
+import copy
+import functools
 import os
+from pathlib import Path
 
 import torch
 
@@ -19,7 +22,11 @@ def load_tokenizer(path: str | os.PathLike | None = None):
     from transformers import AutoTokenizer
     p = check_model_path(path if path is not None else default_gguf_path())
     try:
-        tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name) if p.is_file() else AutoTokenizer.from_pretrained(p)
+        if p.is_file():
+            st = p.stat()
+            tok = copy.deepcopy(_gguf_tokenizer(str(p.resolve()), st.st_size, st.st_mtime_ns))
+        else:
+            tok = AutoTokenizer.from_pretrained(p)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"could not load model from {p}: its tokenizer did not load ({type(exc).__name__}: "
                              f"{exc})".splitlines()[0] + "; the file may be truncated or corrupt, or the tokenizer "
@@ -27,6 +34,15 @@ def load_tokenizer(path: str | os.PathLike | None = None):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_tokenizer(path: str, size: int, mtime_ns: int):
+    """A GGUF's tokenizer, converted once per file version and process: the conversion takes ~10 s for a 49k
+    vocabulary (SmolLM2) and a run, its export and its evaluation each ask for it; callers get a copy."""
+    from transformers import AutoTokenizer
+    p = Path(path)
+    return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
 
 
 def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, nf4: bool = False,

