@@ -14,6 +14,7 @@ import torch
 
 from forge_rt.export import ExportError
 from forge_rt.export.kquant import FILE_TYPES, NATIVE_TYPES, quantize, tensor_types
+from conftest import make_run  # tests/export/conftest.py (module level: at collection it is this dir's)
 
 Q = gguf.GGMLQuantizationType
 
@@ -190,7 +191,6 @@ def _model_dir(path, tok, hidden: int, inter: int):
 def test_export_writes_ggml_bytes_and_llama_cpp_loads_it(ggml, smol_tok, tmp_path, quant, weighted):
     """The file's every tensor: llama.cpp's type, and ggml's bytes for the merged weight (with the
     imatrix file's weights where it has an entry)."""
-    from conftest import make_run
     from forge_rt.export import export_run, merge
     from forge_rt.export.gguf_common import gguf_name, name_map, to_llamacpp_rows
     from forge_rt.export.imatrix import read_imatrix_dat, write_imatrix_dat
@@ -228,7 +228,6 @@ def test_export_writes_ggml_bytes_and_llama_cpp_loads_it(ggml, smol_tok, tmp_pat
 
 
 def test_rows_no_block_takes_are_refused_before_loading(smol_tok, tmp_path, capsys, monkeypatch):
-    from conftest import make_run
     from forge_rt.export import api
     from forge_rt.export.__main__ import main
     run = make_run(tmp_path / "run", _model_dir(tmp_path / "m", smol_tok, 48, 96), smol_tok)
