@@ -159,3 +159,23 @@ def on_both_paths(fn):
     with cpu_path("generic"):
         generic = fn()
     return fast, generic
+
+
+def ggml_quantizer():
+    """ggml's own C quantizer from the llama.cpp wheel (xllamacpp), through ctypes: the independent byte oracle
+    of the K-quant writer. None when xllamacpp is not installed."""
+    import ctypes
+    import importlib.util
+    import os
+    spec = importlib.util.find_spec("xllamacpp")
+    if spec is None:
+        return None
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(spec.origin), "xllamacpp.abi3.so"))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_row_size.restype = ctypes.c_size_t
+    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    return lib

@@ -3,9 +3,6 @@ wheel, through ctypes), byte for byte, every type x shape x data x with/without 
 per-tensor type mix against a Q4_K_M file made by llama.cpp's quantizer; the export wiring."""
 from __future__ import annotations
 
-import ctypes
-import importlib.util
-import os
 
 import gguf
 import numpy as np
@@ -20,17 +17,10 @@ Q = gguf.GGMLQuantizationType
 
 
 def _ggml():
-    spec = importlib.util.find_spec("xllamacpp")
-    if spec is None:
+    from forge_rt.testing import ggml_quantizer
+    lib = ggml_quantizer()
+    if lib is None:
         pytest.skip("xllamacpp (ggml's quantizer, the oracle) is not installed: pip install 'forge_rt[export]'")
-    lib = ctypes.CDLL(os.path.join(os.path.dirname(spec.origin), "xllamacpp.abi3.so"))
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    lib.ggml_row_size.restype = ctypes.c_size_t
-    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
-    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
-    lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
     return lib
 
 

@@ -3,9 +3,6 @@ type (blocks written by ggml itself, from the xllamacpp wheel, through ctypes), 
 continuation with its log-probabilities beside PyTorch's on the same tokens (the oracle for an export)."""
 from __future__ import annotations
 
-import ctypes
-import importlib.util
-import os
 from pathlib import Path
 
 import gguf
@@ -53,15 +50,10 @@ def assert_llamacpp_matches(model, gguf_path: Path, tok, lora: Path | None = Non
 # ---- every GGML type -------------------------------------------------------------------------------
 
 def _ggml_lib():
-    spec = importlib.util.find_spec("xllamacpp")
-    if spec is None:
+    from forge_rt.testing import ggml_quantizer
+    lib = ggml_quantizer()
+    if lib is None:
         pytest.skip("xllamacpp (ggml's quantizer) is not installed: pip install 'forge_rt[export]'")
-    lib = ctypes.CDLL(os.path.join(os.path.dirname(spec.origin), "xllamacpp.abi3.so"))
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    lib.ggml_row_size.restype = ctypes.c_size_t
-    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
     return lib
 
 
