@@ -171,8 +171,10 @@ def test_no_leak_over_50_steps(tmp_path):
             run(model, x)
             pager.end_step()
         s = pager.stats()
-    file_sizes = {rec["bytes_spilled"] for rec in pager.steps}
-    assert len(file_sizes) == 1 and file_sizes.pop() > 0  # every step spills the same
+    # Every step saves the same tensors. What reaches the disk is not compared step by step: the writer thread
+    # races backward, which takes a record back from memory when its write has not landed yet (CI, under load).
+    assert len({(rec["tensors"], rec["bytes_saved"]) for rec in pager.steps}) == 1
+    assert s["bytes_spilled"] > 0
     assert s["resident_bytes"] == 0 and s["spilled_now_bytes"] == 0
     assert s["spill_file_bytes"] == 64 * 2**20  # the first reservation was reused, never grown
     assert not pager._tier.extents and not pager._tier.spilled and not pager._dedup and not pager._resident
