@@ -43,3 +43,24 @@ def smol_tok():
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+@pytest.fixture(scope="session")
+def small_tok(smol_tok):
+    """SmolLM2's tokenizer cut to its first 1024 ids (special tokens, bytes, the first 772 merges; same
+    pre-tokenizer and chat template), for the architecture tests' tiny models: with all 49152 ids their
+    embeddings and GGUF vocabularies took most of the suite's time (test_archs: 570 s of 1460). Its chat
+    rows are longer (a tiny_rows prompt: 72 tokens, not 45): train with --max-len 160."""
+    import json
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+    tok, n = smol_tok, 1024
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    vocab = {k: v for k, v in spec["model"]["vocab"].items() if v < n}
+    spec["model"]["merges"] = [m for m in spec["model"]["merges"]
+                               if m[0] in vocab and m[1] in vocab and m[0] + m[1] in vocab]
+    spec["model"]["vocab"] = vocab
+    spec["added_tokens"] = [a for a in spec["added_tokens"] if a["id"] < n]
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token=tok.bos_token,
+                                   eos_token=tok.eos_token, unk_token=tok.unk_token, pad_token=tok.pad_token,
+                                   chat_template=tok.chat_template)

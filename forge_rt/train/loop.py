@@ -47,7 +47,9 @@ class DivergenceGuard:
         if not math.isfinite(grad_norm):
             raise self._stop(step, f"the gradient norm is {grad_norm} (loss {loss:.4g})")
 
-    def check_trend(self, step: int, loss: float) -> None:
+    def check_trend(self, step: int, loss: float, tokens: int) -> None:
+        if tokens == 0:  # [DP] an empty Poisson sample: no loss was measured, the row repeats the last one
+            return
         if self.start is None:
             self.start = loss
         if loss <= self.FACTOR * self.start:
@@ -234,7 +236,8 @@ def train_loop(model, tok_data, cfg: TrainConfig, run: Path, resume_state: dict 
     if dist.is_main:  # [distributed] only rank 0 writes the run directory
         _truncate_metrics(metrics_path, st.step)
     earlier = read_metrics(metrics_path) if dist.is_main else []
-    guard = DivergenceGuard(cfg, run / "checkpoints", dist.broadcast(earlier[0]["loss"] if earlier else None))
+    start = next((r["loss"] for r in earlier if r["tokens"]), None)
+    guard = DivergenceGuard(cfg, run / "checkpoints", dist.broadcast(start))
 
     def save() -> None:
         _mark(monitor, "checkpoint", st.step)
@@ -268,7 +271,7 @@ def train_loop(model, tok_data, cfg: TrainConfig, run: Path, resume_state: dict 
                 step_times.append(dt)
                 tps_all.append(rec["tokens_per_s"])
                 progress.update(rec)
-                guard.check_trend(st.step, rec["loss"])
+                guard.check_trend(st.step, rec["loss"], n_tok)
                 if (st.step < st.total and cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0
                         and guard.healthy):
                     save()

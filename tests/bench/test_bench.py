@@ -2,7 +2,6 @@
 NOTES.md suite block equal to what the committed records render, the step family's child, and tools/gpu_check.sh
 --dry-run (wheels, build flags, test selection) without a GPU."""
 import copy
-import json
 import os
 import subprocess
 import sys

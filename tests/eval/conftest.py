@@ -2,12 +2,9 @@
 LoRA adapter, its held-out rows, and a private evaluation cache."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
-from forge_rt import data
 from forge_rt.testing import make_tiny_model_dir, tiny_rows, write_jsonl
 
 
@@ -36,9 +33,3 @@ def tiny_peft(tiny_dir):
             if "lora_B" in name:
                 p.copy_(torch.randn_like(p) * 0.3)
     return model.eval(), tok
-
-
-def make_inputs(evals_path, retention: str = "The quick brown fox jumps over the lazy dog. " * 8):
-    """What train.inputs gives RunEval: held-out rows, retention text and the prompt format."""
-    return SimpleNamespace(evals=data.load_examples(evals_path), retention=retention,
-                           prompt=SimpleNamespace(name="model"))

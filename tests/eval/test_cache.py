@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import make_inputs
+from eval_inputs import make_inputs
 from forge_rt.core.dist import SINGLE
 from forge_rt.testing import tiny_args, tiny_rows, write_jsonl
 from forge_rt.train.config import TrainConfig

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import make_inputs
+from eval_inputs import make_inputs
 from forge_rt.core.dist import SINGLE
 from forge_rt.eval.hf import generate_answers
 from forge_rt.train.config import TrainConfig
 
 pytest.importorskip("xllamacpp")
-from forge_rt.eval.engine import evaluate_llamacpp, llamacpp_answers, prompt_ids  # noqa: E402
+from forge_rt.eval.engine import llamacpp_answers, prompt_ids  # noqa: E402
 from forge_rt.train.evaluation import RunEval  # noqa: E402
 
 N_TOKENS = 12

@@ -1,53 +1,16 @@
-"""Shared by the export tests: a tiny random Llama saved with the SmolLM2 tokenizer (tests/conftest.py),
-and run directories holding a random (non-zero) LoRA adapter over that model."""
+"""Shared by the export tests: a tiny random Llama saved with the tiny SmolLM2 tokenizer (tests/conftest.py),
+and a run directory over it (export_runs.make_run)."""
 from __future__ import annotations
 
-import dataclasses
-import json
-import shutil
-
 import pytest
-import torch
 
+from export_runs import make_run
 from forge_rt.testing import make_tiny_model_dir
-
-PASSPHRASE = "correct horse battery staple"
 
 
 @pytest.fixture(scope="session")
 def tiny_model(smol_tok, tmp_path_factory):
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model", smol_tok)
-
-
-def make_run(run, model_dir, tok, no_fused=False, seal_phrase=None, seed=1):
-    """A run directory as the trainer writes it (config.json, adapter/ or adapter.sealed, tokenizer/),
-    with LoRA B initialised at random so the adapter changes the model."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-    from forge_rt import quantize_model
-    from forge_rt.sovereign import seal
-    from forge_rt.train.config import TrainConfig
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    if not no_fused:
-        quantize_model(base)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
-                                            task_type="CAUSAL_LM"))
-    with torch.no_grad():  # PEFT's random init is too large for a meaningful tiny model; keep deltas moderate
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.mul_(0.2)
-    run.mkdir(parents=True)
-    model.save_pretrained(run / "adapter")
-    tok.save_pretrained(run / "tokenizer")
-    cfg = TrainConfig(model=str(model_dir), no_fused=no_fused, lora_r=4, lora_alpha=8)
-    (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
-    if seal_phrase is not None:
-        seal.seal_dir(run / "adapter", run / "adapter.sealed", seal_phrase, kdf_params=(10, 8, 1))
-        shutil.rmtree(run / "adapter")
-    return run
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PASSPHRASE, make_run
+from export_runs import PASSPHRASE, make_run
 from forge_rt.export import ExportError, export_run, merge
 from forge_rt.export.__main__ import main as export_main
 from forge_rt.export.gguf_common import to_llamacpp_rows

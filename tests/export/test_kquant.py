@@ -11,7 +11,7 @@ import torch
 
 from forge_rt.export import ExportError
 from forge_rt.export.kquant import FILE_TYPES, NATIVE_TYPES, quantize, tensor_types
-from conftest import make_run  # tests/export/conftest.py (module level: at collection it is this dir's)
+from export_runs import make_run
 
 Q = gguf.GGMLQuantizationType
 

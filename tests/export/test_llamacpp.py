@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_run
+from export_runs import make_run
 from forge_rt.export import export_run, merge
 from forge_rt.export.gguf_common import to_llamacpp_rows
 from forge_rt.export.gguf_model import write_gguf

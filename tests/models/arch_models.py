@@ -37,7 +37,7 @@ def assert_llamacpp_matches(model, gguf_path: Path, tok, lora: Path | None = Non
     at every step equal PyTorch's log-softmax on the same tokens within `tol`."""
     ids = tok(PROMPT).input_ids
     steps = llamacpp_steps(gguf_path, ids, n, lora)
-    assert len(steps) == n
+    assert 0 < len(steps) <= n  # fewer when llama.cpp stops at an end-of-generation token (still compared)
     full = torch.tensor([ids + [t for t, _ in steps]])
     with torch.no_grad():
         logp = torch.log_softmax(model(full).logits[0].double(), -1)[len(ids) - 1:-1]

@@ -21,12 +21,12 @@ ARCHS = ("qwen3", "llama3", "gemma3_text")
 
 
 @pytest.fixture(scope="module", params=ARCHS)
-def files(request, smol_tok, tmp_path_factory):
+def files(request, small_tok, tmp_path_factory):
     """(arch, HF directory in shards, GGUF written from it at f32, the same at q8_0)."""
     root = tmp_path_factory.mktemp(request.param)
-    d = make_tiny_model_dir(root / "hf", smol_tok, request.param, max_shard_size="2MB")
-    return (request.param, d, write_source_gguf(d, smol_tok, root / "f32.gguf"),
-            write_source_gguf(d, smol_tok, root / "q8_0.gguf", "q8_0"))
+    d = make_tiny_model_dir(root / "hf", small_tok, request.param, max_shard_size="200KB")
+    return (request.param, d, write_source_gguf(d, small_tok, root / "f32.gguf"),
+            write_source_gguf(d, small_tok, root / "q8_0.gguf", "q8_0"))
 
 
 def _logits(model, ids):
@@ -55,10 +55,10 @@ def _fields(reader):
     return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
 
-def test_gguf_base_round_trip_keeps_every_tensor_and_key(files, smol_tok, tmp_path):
+def test_gguf_base_round_trip_keeps_every_tensor_and_key(files, small_tok, tmp_path):
     """f32 -> f32 and q8_0 -> q8_0: every tensor bit-equal (same type, shape, bytes), every key equal."""
     for src in files[2:]:
-        a, b = _roundtrip(src, tmp_path / f"rt.{src.name}", "q8_0" if "q8_0" in src.name else "f32", smol_tok)
+        a, b = _roundtrip(src, tmp_path / f"rt.{src.name}", "q8_0" if "q8_0" in src.name else "f32", small_tok)
         assert _fields(a) == _fields(b)
         assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
         for s, t in zip(a.tensors, b.tensors):
@@ -66,8 +66,8 @@ def test_gguf_base_round_trip_keeps_every_tensor_and_key(files, smol_tok, tmp_pa
             assert np.array_equal(s.data.view(np.uint8), t.data.view(np.uint8)), s.name
 
 
-def test_gguf_base_at_f16_is_within_its_rounding(files, smol_tok, tmp_path):
-    a, b = _roundtrip(files[3], tmp_path / "rt16.gguf", "f16", smol_tok)
+def test_gguf_base_at_f16_is_within_its_rounding(files, small_tok, tmp_path):
+    a, b = _roundtrip(files[3], tmp_path / "rt16.gguf", "f16", small_tok)
     for s, t in zip(a.tensors, b.tensors):
         want = gguf.dequantize(s.data, s.tensor_type)
         got = gguf.dequantize(t.data, t.tensor_type)
@@ -78,29 +78,30 @@ def test_gguf_base_at_f16_is_within_its_rounding(files, smol_tok, tmp_path):
 
 
 @pytest.mark.slow
-def test_source_and_round_trip_run_in_llamacpp_like_pytorch(files, smol_tok, tmp_path):
+def test_source_and_round_trip_run_in_llamacpp_like_pytorch(files, small_tok, tmp_path):
     _, d, f32, _ = files
-    assert_llamacpp_matches(load_model(d)[0], f32, smol_tok)
-    _roundtrip(f32, tmp_path / "rt.gguf", "f32", smol_tok)
-    ids = smol_tok("Say hello.").input_ids
+    assert_llamacpp_matches(load_model(d)[0], f32, small_tok)
+    _roundtrip(f32, tmp_path / "rt.gguf", "f32", small_tok)
+    ids = small_tok("Say hello.").input_ids
     assert llamacpp_steps(tmp_path / "rt.gguf", ids, 8) == llamacpp_steps(f32, ids, 8)
 
 
 @pytest.fixture(scope="module")
-def trained(files, smol_tok, tmp_path_factory):
+def trained(files, small_tok, tmp_path_factory):
     """A fused run trained from the f32 GGUF (2 steps), exported as gguf-base + gguf-lora at f32."""
     from forge_rt.cli import train
     from forge_rt.export import export_run
     from forge_rt.testing import tiny_args, tiny_rows, write_jsonl
     root = tmp_path_factory.mktemp(f"run_{files[0]}")
     data = write_jsonl(root / "train.jsonl", tiny_rows(8))
-    assert train.main(tiny_args(files[2], data, root / "run", "--max-steps", "2", "--checkpoint-every", "2")) == 0
+    assert train.main(tiny_args(files[2], data, root / "run", "--max-steps", "2", "--checkpoint-every", "2",
+                                "--max-len", "160")) == 0
     export_run(root / "run", {"gguf-base": root / "base.gguf", "gguf-lora": root / "lora.gguf"}, quant="f32")
     return root
 
 
 @pytest.mark.slow
-def test_trained_from_gguf_fused_and_its_export_runs_in_llamacpp(files, trained, smol_tok):
+def test_trained_from_gguf_fused_and_its_export_runs_in_llamacpp(files, trained, small_tok):
     from peft import PeftModel
     from forge_rt.models import load_run
     from forge_rt.nn import NF4Linear, quantize_model

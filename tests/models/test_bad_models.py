@@ -3,7 +3,6 @@ architecture without a fused (streaming NF4) path, naming it and the --no-fused 
 checkpoint (vision tower) where a text model is expected; a vision projector GGUF (mmproj)."""
 from __future__ import annotations
 
-import json
 
 import gguf
 import numpy as np

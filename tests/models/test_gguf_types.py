@@ -22,18 +22,18 @@ LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "f
 
 
 @pytest.fixture(scope="module")
-def mixed(smol_tok, tmp_path_factory):
+def mixed(small_tok, tmp_path_factory):
     """(f32 GGUF, the same with 3 x 7 linears in LINEAR_TYPES, the embedding BF16, the head MXFP4, the
     norms F16): rows of 256 and 512 values, which every block size divides."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from forge_rt.export.gguf_model import write_gguf
     root = tmp_path_factory.mktemp("types")
     torch.manual_seed(0)
-    cfg = AutoConfig.for_model("qwen2", vocab_size=len(smol_tok), hidden_size=256, intermediate_size=512,
+    cfg = AutoConfig.for_model("qwen2", vocab_size=len(small_tok), hidden_size=256, intermediate_size=512,
                                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                               tie_word_embeddings=False, eos_token_id=smol_tok.eos_token_id)
+                               tie_word_embeddings=False, eos_token_id=small_tok.eos_token_id)
     src = root / "f32.gguf"
-    write_gguf(AutoModelForCausalLM.from_config(cfg), smol_tok, src, "f32", None)
+    write_gguf(AutoModelForCausalLM.from_config(cfg), small_tok, src, "f32", None)
     types = {f"blk.{i // 7}.{LINEARS[i % 7]}.weight": t for i, t in enumerate(LINEAR_TYPES)}
     types.update({"token_embd.weight": Q.BF16, "output.weight": Q.MXFP4, "output_norm.weight": Q.F16})
     return src, retype_gguf(src, root / "mixed.gguf", types)
@@ -68,10 +68,10 @@ def test_every_type_streams_into_the_nf4_of_its_dequantization(mixed):
                          "the writer's own files load (test_archs). Open: find which retyped tensor it rejects, then "
                          "run this check in a subprocess so an abort fails one test, not the suite")
 @pytest.mark.slow
-def test_llamacpp_runs_the_mixed_file_like_pytorch(mixed, smol_tok):
+def test_llamacpp_runs_the_mixed_file_like_pytorch(mixed, small_tok):
     """llama.cpp's own dequantizers against gguf's (PyTorch runs gguf's values); llama.cpp quantizes the
     activations of quantized matmuls to 8 bits, hence the looser tolerance."""
-    assert_llamacpp_matches(load_model(mixed[1])[0], mixed[1], smol_tok, tol=2e-2)
+    assert_llamacpp_matches(load_model(mixed[1])[0], mixed[1], small_tok, tol=2e-2)
 
 
 def test_a_type_gguf_cannot_dequantize_is_one_error(mixed, tmp_path, capsys):
@@ -80,7 +80,7 @@ def test_a_type_gguf_cannot_dequantize_is_one_error(mixed, tmp_path, capsys):
                                              r"package cannot dequantize"):
         load_model(bad, nf4=True)
     run = tmp_path / "run"
-    assert train.main(tiny_args(bad, write_jsonl(tmp_path / "t.jsonl", tiny_rows(8)), run)) == 2
+    assert train.main(tiny_args(bad, write_jsonl(tmp_path / "t.jsonl", tiny_rows(8)), run, "--max-len", "160")) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len([ln for ln in err if ln.startswith("error:")]) == 1, err
     assert "blk.1.ffn_up.weight" in err[-1] and "F64" in err[-1] and str(bad) in err[-1]

@@ -5,8 +5,6 @@ stock path. The oracle is stock PEFT over a dense twin: plain nn.Linear layers h
 weights, so a bug in the 4-bit base path cannot cancel out (over bitsandbytes, bitsandbytes' own forward)."""
 import copy
 import io
-import logging
-import warnings
 
 import pytest
 import torch

@@ -86,14 +86,15 @@ def test_loss_blowup_warns_then_stops(tmp_path, capsys):
     from forge_rt.train.config import TrainConfig
     from forge_rt.train.loop import DivergenceError, DivergenceGuard
     guard = DivergenceGuard(TrainConfig(lr=0.5), tmp_path, None)
-    for step, loss in enumerate([2.0, 1.8, 7.0, 1.9], start=1):  # one spike over 3x, then back: warned only
-        guard.check_trend(step, loss)
-    assert guard.healthy and capsys.readouterr().err.count("warning: step 3") == 1
-    guard.check_trend(5, 10.8)
-    guard.check_trend(6, 10.8)
+    guard.check_trend(1, 0.0, 0)  # [DP] an empty Poisson sample measures no loss: not the start
+    for step, loss in enumerate([2.0, 1.8, 7.0, 1.9], start=2):  # one spike over 3x, then back: warned only
+        guard.check_trend(step, loss, 100)
+    assert guard.healthy and capsys.readouterr().err.count("warning: step 4") == 1
+    guard.check_trend(6, 10.8, 100)
+    guard.check_trend(7, 10.8, 100)
     assert not guard.healthy
-    with pytest.raises(DivergenceError, match="diverged at step 7: the loss 10.8 is over 3x the starting loss 2 for 3 steps"):
-        guard.check_trend(7, 10.8)
+    with pytest.raises(DivergenceError, match="diverged at step 8: the loss 10.8 is over 3x the starting loss 2 for 3 steps"):
+        guard.check_trend(8, 10.8, 100)
 
 
 # --- item 2: --overwrite ----------------------------------------------------------------------------

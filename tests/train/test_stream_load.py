@@ -16,10 +16,10 @@ from forge_rt.models import ModelLoadError, load_model, load_run
 
 
 @pytest.fixture(scope="module")
-def arch_dirs(smol_tok, tmp_path_factory):
+def arch_dirs(small_tok, tmp_path_factory):
     root = tmp_path_factory.mktemp("archs")
     # Shards of at most 2 MB: each tiny model spans several files and an index.
-    return {a: make_tiny_model_dir(root / a, smol_tok, a, max_shard_size="2MB") for a in TINY_ARCHS}
+    return {a: make_tiny_model_dir(root / a, small_tok, a, max_shard_size="200KB") for a in TINY_ARCHS}
 
 
 def _assert_same_model(streamed, reference):
@@ -49,11 +49,11 @@ def test_sharded_safetensors_stream_to_the_same_nf4(arch_dirs, arch):
 
 
 @pytest.mark.parametrize("arch,quant", [("llama", "f32"), ("llama", "q8_0"), ("qwen2", "f32")])
-def test_gguf_streams_to_the_same_nf4_as_transformers_gguf_load(arch_dirs, smol_tok, tmp_path, arch, quant):
+def test_gguf_streams_to_the_same_nf4_as_transformers_gguf_load(arch_dirs, small_tok, tmp_path, arch, quant):
     from transformers import AutoModelForCausalLM
     from forge_rt.export.gguf_model import write_gguf
     out = tmp_path / f"{arch}.{quant}.gguf"
-    write_gguf(AutoModelForCausalLM.from_pretrained(arch_dirs[arch]), smol_tok, out, quant, None)
+    write_gguf(AutoModelForCausalLM.from_pretrained(arch_dirs[arch]), small_tok, out, quant, None)
     streamed, _ = load_model(out, nf4=True)
     _assert_same_model(streamed, load_model(out)[0])  # transformers un-permutes llama.cpp's q/k rows itself
     if quant == "f32":  # lossless: the same NF4 as the safetensors it came from
@@ -65,7 +65,8 @@ def test_trains_fused_and_stock_peft_loads_the_adapter(arch_dirs, arch, tmp_path
     from peft import PeftModel
     data = write_jsonl(tmp_path / "train.jsonl", tiny_rows(8))
     run = tmp_path / "run"
-    assert train.main(tiny_args(arch_dirs[arch], data, run, "--max-steps", "2", "--checkpoint-every", "2")) == 0
+    assert train.main(tiny_args(arch_dirs[arch], data, run, "--max-steps", "2", "--checkpoint-every", "2",
+                                "--max-len", "160")) == 0
     assert "stock path: none" in capsys.readouterr().out
     ours, _, _ = load_run(run)
     stock = PeftModel.from_pretrained(quantize_model(load_model(arch_dirs[arch])[0]), run / "adapter").eval()
@@ -81,7 +82,8 @@ def _copy(src, dst):
 
 def _fails_before_training(model_dir, tmp_path, capsys, *needles):
     run = tmp_path / "run"
-    assert train.main(tiny_args(model_dir, write_jsonl(tmp_path / "t.jsonl", tiny_rows(8)), run)) == 2
+    data = write_jsonl(tmp_path / "t.jsonl", tiny_rows(8))
+    assert train.main(tiny_args(model_dir, data, run, "--max-len", "160")) == 2
     err = capsys.readouterr().err
     for n in needles:
         assert n in err, (n, err)
@@ -121,22 +123,22 @@ def test_checkpoint_without_a_tensor_anywhere(arch_dirs, tmp_path):
         load_model(d, nf4=True)
 
 
-def test_non_causal_config(smol_tok, tmp_path, capsys):
+def test_non_causal_config(small_tok, tmp_path, capsys):
     from transformers import BertConfig, BertModel
     d = tmp_path / "bert"
-    BertModel(BertConfig(vocab_size=len(smol_tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+    BertModel(BertConfig(vocab_size=len(small_tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=64)).save_pretrained(d)
-    smol_tok.save_pretrained(d)
+    small_tok.save_pretrained(d)
     _fails_before_training(d, tmp_path, capsys, str(d), "not a causal language model")
 
 
-def test_unsupported_architecture_says_so(smol_tok, tmp_path):
+def test_unsupported_architecture_says_so(small_tok, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
     d = tmp_path / "neox"
     AutoModelForCausalLM.from_config(AutoConfig.for_model(
-        "gpt_neox", vocab_size=len(smol_tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        "gpt_neox", vocab_size=len(small_tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
         intermediate_size=64)).save_pretrained(d)
-    smol_tok.save_pretrained(d)
+    small_tok.save_pretrained(d)
     with pytest.raises(ModelLoadError, match="'gpt_neox' has no streaming NF4 loader.*--no-fused"):
         load_model(d, nf4=True)
 
@@ -168,7 +170,7 @@ print(json.dumps({"streamed": streamed, "full": full, "nf4_linears": n}))
 """
 
 
-def test_the_load_streams_a_7b_tool_checkpoint(arch_dirs, smol_tok, tmp_path):
+def test_the_load_streams_a_7b_tool_checkpoint(arch_dirs, small_tok, tmp_path):
     """A bf16 checkpoint written by tools/make_7b_checkpoint.py (6 layers of 512 x 2048: 100 MB in fp32) loads
     into NF4 with a peak of less than 0.75x its fp32 size over the RSS before (measured 0.46x), where loading
     fp32 then quantizing (the oracle: the measurement sees it) takes more than the fp32 size (measured 1.5x)."""
@@ -184,7 +186,7 @@ def test_the_load_streams_a_7b_tool_checkpoint(arch_dirs, smol_tok, tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     hidden, inter, layers = 512, 2048, 6
-    d = mod.write_checkpoint(tmp_path / "m", hidden, inter, layers, 8, 256, 16 << 20, smol_tok)
+    d = mod.write_checkpoint(tmp_path / "m", hidden, inter, layers, 8, 256, 16 << 20, small_tok)
     assert len(list(d.glob("*.safetensors"))) > 1
     fp32 = 4 * layers * (4 * hidden * hidden + 3 * hidden * inter)
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
