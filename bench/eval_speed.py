@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     from forge_rt.core.dist import SINGLE
     from forge_rt.eval.engine import llamacpp_answers, prompt_ids
     from forge_rt.eval.hf import generate_answers, retention_perplexity
-    from forge_rt.models import LoraSpec, build_model, load_model
+    from forge_rt.models import build_model, load_model
     from forge_rt.train.config import TrainConfig
     from forge_rt.train.evaluation import RunEval
 

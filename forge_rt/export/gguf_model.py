@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import gguf
+import numpy as np
 
 from .gguf_common import (PERMUTED_ARCHS, QUANTS, check_hf_arch, encode, gguf_name, head_type, name_map,
                           stored_type, to_llamacpp_rows)
@@ -90,7 +91,7 @@ def _plan(layout, weights: dict, quant: str, config, arch: str, source_gguf, ima
     return plan
 
 
-def _encoded(name: str, tensor, qt, arch: str, config, imatrix) -> "np.ndarray":
+def _encoded(name: str, tensor, qt, arch: str, config, imatrix) -> np.ndarray:
     if arch in PERMUTED_ARCHS:
         tensor = to_llamacpp_rows(tensor, name, config)
     tensor = to_file_values(arch, name, tensor)
