@@ -104,7 +104,8 @@ class NF4Weight:
 
     @classmethod
     def from_bnb(cls, weight, quant_state=None) -> "NF4Weight":
-        """View a bitsandbytes Params4bit (or packed tensor) + QuantState as an NF4Weight, sharing storage."""
+        """View a bitsandbytes Params4bit (or packed tensor) + QuantState as an NF4Weight, sharing storage
+        (a copy for bitsandbytes' CPU-packed layout)."""
         qs = quant_state if quant_state is not None else getattr(weight, "quant_state", None)
         if qs is None:
             raise NF4Error("from_bnb: no QuantState given and the weight has no .quant_state; pass the "
@@ -115,6 +116,8 @@ class NF4Weight:
         data = weight.data if isinstance(weight, torch.nn.Parameter) else weight
         if data.dtype != torch.uint8:  # quant_storage other than uint8: same bytes
             data = data.view(torch.uint8)
+        if getattr(qs, "packing_format_for_cpu", False):
+            return _from_cpu_packed(data, qs)
         shape = torch.Size(qs.shape)
         if data.numel() != -(-shape.numel() // 2):
             raise NF4Error(f"from_bnb: packed weight has {data.numel()} bytes but QuantState.shape "
@@ -244,3 +247,24 @@ def dequantize(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
         out = torch.empty(n, dtype=torch.float32)
         _require_native().nf4_dequantize(packed.data_ptr(), absmax.data_ptr(), n, w.blocksize, qt, out.data_ptr())
     return out.view(w.shape).to(dtype)
+
+
+def _from_cpu_packed(data: torch.Tensor, qs) -> NF4Weight:
+    """A plain-NF4 copy of a weight bitsandbytes repacked for its AVX512-BF16 CPU kernel (it does so in place
+    on a Linear4bit's first eval forward: QuantState.packing_format_for_cpu).
+
+    That layout (bitsandbytes.functional._convert_weight_packed_for_cpu, block_n 32) holds, for each block
+    of 32 rows and each pair of columns, 32 bytes: element 2*b+j of the 64 codes (row b, column j of the pair)
+    in the low nibble of byte i = 2*b+j for b < 16, in the high nibble of byte i - 32 for b >= 16. Its absmax
+    is bf16 [K / blocksize, N] (double quantization resolved, then rounded to bf16); this copy uses those
+    values, as bitsandbytes' kernel does."""
+    N, K = (int(d) for d in qs.shape)
+    if len(qs.shape) != 2 or N % 32 or K % 2 or K % qs.blocksize or data.numel() != N * K // 2:
+        raise NF4Error(f"unexpected CPU-packed weight {tuple(data.shape)} for shape {tuple(qs.shape)}")
+    groups = data.reshape(N // 32, K // 2, 32)
+    codes = torch.cat([groups & 0xF, groups >> 4], dim=-1)  # [N/32, K/2, 64]: 32 rows x 2 columns
+    codes = codes.view(N // 32, K // 2, 32, 2).permute(0, 2, 1, 3).reshape(-1, 2)  # row-major pairs
+    packed = (codes[:, 0] << 4) | codes[:, 1]  # bitsandbytes' plain layout: first element high
+    absmax = qs.absmax.T.reshape(-1).float()
+    dtype = getattr(qs, "original_dtype", torch.float32)
+    return NF4Weight(packed.contiguous(), absmax, torch.Size((N, K)), dtype, qs.blocksize, qs.quant_type)

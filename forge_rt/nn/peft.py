@@ -47,33 +47,13 @@ def _nf4_of(base: nn.Module) -> nf4.NF4Weight | str:
     cached = _bnb_views.get(base)
     if cached is None or cached[0] != key:
         try:
-            w = _from_cpu_packed(base.weight.data, qs) if cpu_packed else nf4.NF4Weight.from_bnb(base.weight, qs)
+            w = nf4.NF4Weight.from_bnb(base.weight, qs)
         except nf4.NF4Error as e:
             log.info("forge_rt.accelerate: %s", e)
             w = "bitsandbytes layout not readable as NF4"
         cached = (key, w)
         _bnb_views[base] = cached
     return cached[1]
-
-
-def _from_cpu_packed(data: torch.Tensor, qs) -> nf4.NF4Weight:
-    """A plain-NF4 copy of a weight bitsandbytes repacked for its CPU kernel (packing_format_for_cpu).
-
-    That layout (bitsandbytes.functional._convert_weight_packed_for_cpu, block_n 32) holds, for each block
-    of 32 rows and each pair of columns, 32 bytes: element 2*b+j of the 64 codes (row b, column j of the pair)
-    in the low nibble of byte i = 2*b+j for b < 16, in the high nibble of byte i - 32 for b >= 16. Its absmax
-    is bf16 [K / blocksize, N] (double quantization resolved, then rounded to bf16); this copy uses those
-    values, as bitsandbytes' kernel does."""
-    N, K = (int(d) for d in qs.shape)
-    if len(qs.shape) != 2 or N % 32 or K % 2 or K % qs.blocksize or data.numel() != N * K // 2:
-        raise nf4.NF4Error(f"unexpected CPU-packed weight {tuple(data.shape)} for shape {tuple(qs.shape)}")
-    groups = data.view(torch.uint8).reshape(N // 32, K // 2, 32)
-    codes = torch.cat([groups & 0xF, groups >> 4], dim=-1)  # [N/32, K/2, 64]: 32 rows x 2 columns
-    codes = codes.view(N // 32, K // 2, 32, 2).permute(0, 2, 1, 3).reshape(-1, 2)  # row-major pairs
-    packed = (codes[:, 0] << 4) | codes[:, 1]  # bitsandbytes' plain layout: first element high
-    absmax = qs.absmax.T.reshape(-1).float()
-    dtype = getattr(qs, "original_dtype", torch.float32)
-    return nf4.NF4Weight(packed.contiguous(), absmax, torch.Size((N, K)), dtype, qs.blocksize, qs.quant_type)
 
 
 def _static_reason(layer: nn.Module) -> str | None:

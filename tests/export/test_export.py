@@ -2,6 +2,7 @@
 in stock transformers, every GGUF read back with the gguf package, and the bad-input cases."""
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
@@ -74,13 +75,26 @@ def test_merge_bitsandbytes_base(tiny_model):
             q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=False, compute_dtype=torch.float32,
                                   quant_type="nf4")
             q.weight = bnb.nn.Params4bit(mod.weight.data, requires_grad=False, quant_type="nf4")
+            q.support_avx512bf16_for_cpu = False  # the reference is bitsandbytes' fp32 path, not its bf16 kernel
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, q.to("cpu"))  # .to() quantizes
     torch.manual_seed(0)
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     peft_model.eval()
     ref = _logits(peft_model)
-    torch.testing.assert_close(_logits(merge(peft_model)), ref, atol=1e-4, rtol=1e-4)
+    repacked = copy.deepcopy(peft_model)
+    merged = merge(peft_model)  # in place
+    torch.testing.assert_close(_logits(merged), ref, atol=1e-4, rtol=1e-4)
+    # On an AVX512-BF16 CPU bitsandbytes repacks each weight on its first eval forward (absmax rounded to
+    # bf16): the merge reads that layout too, equal to the plain one up to that rounding.
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+    layers = [m for m in repacked.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(layer.weight.data,
+                                                                                   layer.weight.quant_state)
+    assert len(layers) == 14 and all(m.weight.quant_state.packing_format_for_cpu for m in layers)
+    for (name, a), b in zip(merged.state_dict().items(), merge(repacked).state_dict().values()):
+        assert (b - a).abs().max() <= 2 ** -8 * a.abs().max(), name
 
 
 def test_hf_export_loads_in_stock_transformers(tiny_run, adapted, tmp_path):
