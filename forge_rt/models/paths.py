@@ -114,6 +114,19 @@ def dequantizable(qtype) -> bool:
     return qtype in (Q.F32, Q.F16) or qtype in _type_traits
 
 
+def gguf_reader(path: str | os.PathLike):
+    """gguf.GGUFReader of the file (memory-mapped), parsed once per file version and process: parsing the fields
+    of SmolLM2's GGUF takes 4 s, and the checks, the rope_freqs read and the streaming load each need them."""
+    st = Path(path).stat()
+    return _gguf_reader(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_reader(path: str, size: int, mtime_ns: int):
+    from gguf import GGUFReader
+    return GGUFReader(path)
+
+
 @functools.lru_cache(maxsize=16)
 def _check_gguf_once(path: str, size: int, mtime_ns: int) -> None:
     """check_gguf once per file version and process: parsing a GGUF's fields takes seconds (a 49k vocabulary is
@@ -124,9 +137,8 @@ def _check_gguf_once(path: str, size: int, mtime_ns: int) -> None:
 def check_gguf(path: Path) -> None:
     """Refuses, before anything is loaded, a GGUF that is a vision projector or holds a tensor whose type
     cannot be dequantized (naming the first such tensor and its type)."""
-    from gguf import GGUFReader
     try:
-        reader = GGUFReader(path)
+        reader = gguf_reader(path)
     except (OSError, ValueError, KeyError, IndexError) as exc:
         raise ModelLoadError(f"could not load model from {path}: the GGUF is truncated or corrupt "
                              f"({type(exc).__name__}: {exc}); copy it again") from None
