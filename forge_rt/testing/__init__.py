@@ -62,6 +62,21 @@ def tiny_args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
             "--checkpoint-every", "2", "--lr", "5e-3", *extra]
 
 
+def sigint_at_optimizer_step(monkeypatch, n: int) -> None:
+    """A real SIGINT delivered to this process during the n-th AdamW step from now (the step then completes);
+    undo with monkeypatch.undo() or by setting torch.optim.AdamW.step back."""
+    import os
+    import signal
+    calls, real_step = {"n": 0}, torch.optim.AdamW.step
+
+    def step_then_signal(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, *a, **k)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_signal)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Norm-wise relative error of a against b, in float64."""
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()

@@ -3,7 +3,6 @@ metrics.json and report.md equal to Opacus' figure for the recorded noise and ra
 kept across an interrupt and resume, the refusals (one error line each), and the canary audit from the
 trainer and from `python -m forge_rt.audit RUN`."""
 import json
-import os
 import signal
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 
 from forge_rt.cli import audit as audit_cli
 from forge_rt.cli import train
-from forge_rt.testing import make_tiny_model_dir, tiny_args, tiny_rows, write_jsonl
+from forge_rt.testing import make_tiny_model_dir, sigint_at_optimizer_step, tiny_args, tiny_rows, write_jsonl
 
 DP = ("--dp-epsilon", "8", "--dp-clip", "0.5")
 
@@ -44,15 +43,8 @@ def test_dp_run_reports_epsilon_and_resume_keeps_the_accountant(tiny, tmp_path, 
     assert "## Differential privacy" in (full / "report.md").read_text()
     assert "dp: noise multiplier" in capsys.readouterr().out
     # interrupted during step 3, resumed: epsilon goes on from the checkpoint's accountant, not from zero
-    calls = {"n": 0}
     real_step = torch.optim.AdamW.step
-
-    def step_then_signal(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_step(self, *a, **k)
-    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_signal)
+    sigint_at_optimizer_step(monkeypatch, 3)
     part = tmp_path / "part"
     assert train.main(tiny_args(model_dir, data, part, *DP)) == 128 + signal.SIGINT
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)

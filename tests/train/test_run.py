@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from forge_rt.cli import train
-from forge_rt.testing import tiny_args, tiny_rows, write_jsonl
+from forge_rt.testing import sigint_at_optimizer_step, tiny_args, tiny_rows, write_jsonl
 
 
 def _records(run):
@@ -84,17 +84,9 @@ def test_interrupt_and_resume_matches_uninterrupted(tiny, tmp_path, monkeypatch)
 
     # A real SIGINT delivered during optimizer step 3 (of 6): the trainer finishes the step,
     # checkpoints and exits cleanly.
-    calls = {"n": 0}
-    real_step = torch.optim.AdamW.step
-
-    def step_then_signal(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_step(self, *a, **k)
-
     handler_before = signal.getsignal(signal.SIGINT)
-    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_signal)
+    real_step = torch.optim.AdamW.step
+    sigint_at_optimizer_step(monkeypatch, 3)
     part = tmp_path / "part"
     assert train.main(tiny_args(model_dir, data, part, *flags)) == 128 + signal.SIGINT
     assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
