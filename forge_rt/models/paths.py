@@ -116,7 +116,8 @@ def dequantizable(qtype) -> bool:
 
 def gguf_reader(path: str | os.PathLike):
     """gguf.GGUFReader of the file (memory-mapped), parsed once per file version and process: parsing the fields
-    of SmolLM2's GGUF takes 4 s, and the checks, the rope_freqs read and the streaming load each need them."""
+    of SmolLM2's GGUF takes 4 s, and the up-front check and the rope_freqs read each need them. For fields and
+    small tensors only: tensor pages read through the kept map would stay in RSS (the streaming load opens its own)."""
     st = Path(path).stat()
     return _gguf_reader(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from forge_rt import nf4
 from forge_rt.nn import NF4Linear
-from forge_rt.models.paths import ModelLoadError, check_causal, gguf_reader, model_config
+from forge_rt.models.paths import ModelLoadError, check_causal, model_config
 
 # model_type values whose layouts (names, fused qkv / gate_up, tied heads, GGUF conversion) are tested.
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
@@ -96,11 +96,13 @@ def gguf_tensors(path: Path, skeleton: nn.Module):
     converted by transformers' own GGUF helpers (names, llama.cpp's q/k row permutation, Gemma's norm
     offset). `name` is None for tensors the model has no parameter for (e.g. rope_freqs)."""
     import numpy as np
-    from gguf import dequantize
+    from gguf import GGUFReader, dequantize
     from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
                                                           get_gguf_hf_weights_map)
     try:
-        reader = gguf_reader(path)
+        # A reader of its own, not paths.gguf_reader's cached one: the tensor pages this load touches through the
+        # memory map stay in RSS until the map closes, which must be when the load ends.
+        reader = GGUFReader(path)
     except (OSError, ValueError, KeyError, IndexError) as exc:
         raise WeightsError(f"could not load model from {path}: the GGUF is truncated or corrupt "
                               f"({type(exc).__name__}: {exc}); copy it again") from None
