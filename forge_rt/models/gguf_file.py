@@ -6,21 +6,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from forge_rt.models.paths import ModelLoadError, gguf_reader
-
-ROPE_FREQS = "rope_freqs.weight"
+from forge_rt.models.paths import ModelLoadError, gguf_facts
 
 
 def gguf_rope_freqs(path: Path) -> torch.Tensor | None:
     """The file's rope_freqs divisors (fp32), or None when it has none."""
-    from gguf import dequantize
-    for t in gguf_reader(path).tensors:
-        if t.name == ROPE_FREQS:
-            return torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(-1))
-    return None
+    factors = gguf_facts(path).rope_freqs
+    return None if factors is None else torch.from_numpy(factors.copy())
 
 
 def apply_rope_freqs(model: torch.nn.Module, path: Path) -> torch.nn.Module:

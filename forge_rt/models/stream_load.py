@@ -100,8 +100,8 @@ def gguf_tensors(path: Path, skeleton: nn.Module):
     from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
                                                           get_gguf_hf_weights_map)
     try:
-        # A reader of its own, not paths.gguf_reader's cached one: the tensor pages this load touches through the
-        # memory map stay in RSS until the map closes, which must be when the load ends.
+        # A reader for this load only: the tensor pages it touches through the memory map stay in RSS until
+        # the map closes, which must be when the load ends.
         reader = GGUFReader(path)
     except (OSError, ValueError, KeyError, IndexError) as exc:
         raise WeightsError(f"could not load model from {path}: the GGUF is truncated or corrupt "

@@ -67,3 +67,16 @@ def test_a_vision_projector_gguf(tmp_path, capsys):
     w.write_tensors_to_file()
     w.close()
     _one_error(p, tmp_path, capsys, "mmproj", "text model")
+
+
+def test_the_up_front_gguf_check_keeps_no_parsed_reader():
+    """A parsed GGUFReader holds every vocabulary entry (Gemma 3's: 684 MiB of RSS); the check and the
+    rope_freqs read keep only the facts they need, so nothing of the parse lives on through training."""
+    import gc
+
+    from forge_rt.models import default_gguf_path
+    from forge_rt.models.paths import check_model_path, gguf_facts
+    check_model_path(default_gguf_path())
+    assert gguf_facts(default_gguf_path()).arch == "llama"
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, gguf.GGUFReader)]
