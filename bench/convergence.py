@@ -1,0 +1,100 @@
+"""Convergence study of the default job: held-out score and retention against training examples seen and
+minutes, per learning rate and length, each run a whole `python -m forge_rt.train` with its own schedule.
+
+  python bench/convergence.py --runs 40:4e-4,40:1e-3,80:1e-3 --json bench/results/convergence/study.json
+  python bench/convergence.py --json bench/results/convergence/study.json --plot   # the figure only
+
+A run is `STEPS:LR[:KEY=VALUE...]` (extra trainer flags, e.g. `40:1e-3:lora_r=8`); runs already in the
+record are skipped, so the study can grow run by run. Each run evaluates 200 held-out demo rows in
+llama.cpp (the trainer's default engine) and reads the base score from the evaluation cache. Minutes on
+the plot are the run's own training and evaluation seconds; run it alone (the load average is recorded
+beside each run), or read `steps * step_time_mean_s` from a run made alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from forge_rt.bench.env import environment, loadavg
+
+KEEP = ("score_tuned", "exact_tuned", "field_acc_tuned", "valid_json_tuned", "score_base", "ppl_retention_base",
+        "ppl_retention_tuned", "ppl_retention_change_pct", "retention_ok", "train_time_s", "eval_time_s",
+        "total_time_s", "step_time_mean_s", "peak_rss_bytes_train")
+
+
+def parse_run(spec: str) -> dict:
+    steps, lr, *extra = spec.split(":")
+    flags = dict(kv.split("=", 1) for kv in extra)
+    return {"name": spec, "max_steps": int(steps), "lr": float(lr), "flags": flags}
+
+
+def train(run: dict, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "forge_rt.train", "--no-live", "--overwrite", "--output", str(out),
+           "--max-steps", str(run["max_steps"]), "--lr", str(run["lr"])]
+    for key, value in run["flags"].items():
+        cmd += [f"--{key.replace('_', '-')}"] + ([] if value == "" else [value])
+    before = loadavg()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    metrics = json.loads((out / "metrics.json").read_text())
+    cfg = metrics["config"]
+    return {**run, "command": " ".join(cmd[1:]), "loadavg_before": before, "loadavg_after": loadavg(),
+            "examples_seen": metrics["steps"] * cfg["batch_size"] * cfg["grad_accum"],
+            "epochs": metrics["steps"] * cfg["batch_size"] * cfg["grad_accum"] / metrics["data"]["n_train"],
+            "eval_base_cached": (metrics.get("eval") or {}).get("base_cached"),
+            **{k: metrics.get(k) for k in KEEP}}
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    by_lr: dict[str, list[dict]] = {}
+    for r in record["runs"]:
+        label = f"lr {r['lr']:g}" + "".join(f", {k}={v}" for k, v in r["flags"].items())
+        by_lr.setdefault(label, []).append(r)
+    for label, runs in sorted(by_lr.items()):
+        runs.sort(key=lambda r: r["max_steps"])
+        minutes = [(r["train_time_s"] + r["eval_time_s"]) / 60 for r in runs]
+        ax1.plot(minutes, [r["score_tuned"] for r in runs], "o-", label=label)
+        ax2.plot([r["epochs"] for r in runs], [r["ppl_retention_change_pct"] for r in runs], "o-", label=label)
+    ax1.set(xlabel="minutes (training + evaluation)", ylabel="held-out composite (200 rows)",
+            title="score vs minutes")
+    ax2.axhline(10, color="grey", ls="--", lw=0.8)
+    ax2.set(xlabel="epochs of the 623 training rows", ylabel="retention perplexity change, %",
+            title="retention (guard: +10%)")
+    ax1.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--runs", default="", help="comma-separated STEPS:LR[:KEY=VALUE...]")
+    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/forge_rt_convergence"))
+    p.add_argument("--plot", action="store_true", help="write the figure beside the record")
+    a = p.parse_args(argv)
+    record = json.loads(a.json.read_text()) if a.json.exists() else {"environment": environment(), "runs": []}
+    done = {r["name"] for r in record["runs"]}
+    for spec in filter(None, a.runs.split(",")):
+        run = parse_run(spec)
+        if run["name"] in done:
+            continue
+        result = train(run, a.workdir / spec.replace(":", "_").replace("=", "-"))
+        record["runs"].append(result)
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"{spec}: score {result['score_tuned']} retention {result['ppl_retention_change_pct']:+.1f}% "
+              f"train {result['train_time_s']:.0f} s eval {result['eval_time_s']:.0f} s", flush=True)
+    if a.plot and record["runs"]:
+        plot(record, a.json.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
