@@ -10,7 +10,7 @@ bare decimal) that no record link covers fails in README and docs/; versions and
 Term: `path[:unit]` or `path / path[:unit]` (a ratio); `path` is dotted keys, `[3]` list items, `[1:]`
 slices, `[key=value&key=value]` the one dict of a list that matches, optionally wrapped in median(), mean(),
 min(), max(), or followed by `~word` to read the number after `word` in a printed line; several terms are
-separated by `;`. Units: GiB and MiB (from bytes), `%` (x 100), `change%`
+separated by `;`. Units: GiB and MiB (from bytes), `min` (from seconds), `%` (x 100), `change%`
 ((x - 1) x 100)."""
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ CODE = re.compile(r"`[^`]*`")
 NUMBER = re.compile(r"(?<![\w.])([-+\u2212]?)(\d+(?:\.\d+)?(?:e[-+]?\d+)?)(?=x(?!\w)|[^\w.]|\.(?!\d)|$)")
 UNIT = r"(?:\s?(?:s|ms|µs|min|GiB|MiB|KiB|GB/s|MB/s|GB|MB|tokens/s|%)|x)(?![\w/])"
 MEASURED = re.compile(r"(?<![\w.])(?:\d+(?:\.\d+)?" + UNIT + r"|\d+\.\d+(?![\w.]))")  # with a unit, or a bare decimal
-SCALE = {"GiB": 2.0 ** -30, "MiB": 2.0 ** -20, "%": 100.0}
+SCALE = {"GiB": 2.0 ** -30, "MiB": 2.0 ** -20, "%": 100.0, "min": 1 / 60}
 FUNCS = {"median": statistics.median, "mean": statistics.fmean, "min": min, "max": max}
 
 
