@@ -1,0 +1,74 @@
+"""Retention perplexity of one run's GGUF exports, per --quant: what 4 bits cost in general text.
+
+  python bench/export_retention.py RUN [--quants f16,q8_0,q6_k,q5_k_m,q4_k_m] [--json bench/results/kquant_retention.json]
+
+Each export is written to a temporary directory and loaded back through forge_rt's GGUF loader (the file's
+quantized blocks decoded to fp32, the weights llama.cpp multiplies with), and the run's retention text (the
+shipped sample) is scored with the trainer's sliding-window perplexity in PyTorch. llama.cpp's server returns
+no prompt log-probabilities, so the perplexity is PyTorch's over the file's weights; llama.cpp's own kernels
+also round activations to 8 bits in quantized matmuls, which this does not include. The gguf-base case is
+the base as trained at --quant with the run's adapter on top (PEFT), as `--to gguf-base` + `--to gguf-lora`
+deploy it. Run alone or beside untimed work: only the perplexities are compared.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from export_scores import _imatrix, _save
+from forge_rt.bench.env import environment, loadavg
+from forge_rt.data import demo_paths
+from forge_rt.eval.hf import retention_perplexity
+from forge_rt.export import export_run
+from forge_rt.models import load_model
+
+
+def _perplexity(gguf: Path, adapter: Path | None, text: str) -> float:
+    model, tok = load_model(gguf)
+    if adapter is not None:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    return retention_perplexity(model, tok, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("run", type=Path)
+    p.add_argument("--quants", default="f16,q8_0,q6_k,q5_k_m,q4_k_m")
+    p.add_argument("--json", type=Path)
+    a = p.parse_args(argv)
+    metrics = json.loads((a.run / "metrics.json").read_text())
+    cfg = json.loads((a.run / "config.json").read_text())
+    text = demo_paths()["retention"].read_text()
+    record = {"run": str(a.run), "pytorch_nf4_run": {k: metrics.get(k) for k in (
+                  "ppl_retention_base", "ppl_retention_tuned", "ppl_retention_change_pct")},
+              "environment": environment(), "loadavg_before": loadavg(),
+              "retention": "the shipped retention sample, sliding windows of 512 tokens, stride 256", "results": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        _imatrix(a.run, tmp / "imatrix.dat", cfg.get("max_len", 512))
+        cases = [("gguf", q, False) for q in a.quants.split(",")]
+        cases += [("gguf", "q4_k_m", True), ("gguf-base", "q4_k_m", False)]
+        for kind, quant, with_imatrix in cases:
+            out = tmp / f"{kind}-{quant}{'-imatrix' if with_imatrix else ''}.gguf"
+            export_run(a.run, {kind: out}, quant=quant, imatrix=tmp / "imatrix.dat" if with_imatrix else None)
+            ppl = _perplexity(out, a.run / "adapter" if kind == "gguf-base" else None, text)
+            base = metrics["ppl_retention_base"]
+            row = {"export": f"--to {kind} --quant {quant}" + (" --imatrix" if with_imatrix else "")
+                             + (" (+ the run's adapter)" if kind == "gguf-base" else ""),
+                   "bytes": out.stat().st_size, "ppl_retention": ppl,
+                   "change_vs_base_pct": 100 * (ppl / base - 1)}
+            record["results"].append(row)
+            print(json.dumps(row), flush=True)
+            _save(record, a.json)
+            out.unlink()
+    record["loadavg_after"] = loadavg()
+    _save(record, a.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
