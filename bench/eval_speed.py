@@ -4,7 +4,10 @@ held-out rows, greedy, max_new_tokens 64. The two paths run interleaved in one p
 gguf-base export included; PyTorch; llama.cpp warm: gguf-base from the cache), so a machine shared with other
 work slows both alike; `uptime` load averages are recorded around each phase, and CPU seconds beside wall seconds.
 
-    .venv/bin/python bench/eval_speed.py [--limit N] [--out bench/results/eval_speed.json]
+    .venv/bin/python bench/eval_speed.py [--limit N] [--run RUN] [--out bench/results/eval_speed.json]
+
+With --run, the model is that run's tuned model (the base as trained + its adapter; llama.cpp gets the adapter as
+a gguf-lora), as the trainer's tuned evaluation sees it.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ def _gen_record(tok, rows, answers, timing, extra=None) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=None, help="first N held-out rows only")
+    ap.add_argument("--run", default=None, help="a trained run: its tuned model (base + adapter) instead of the base")
     ap.add_argument("--out", default="bench/results/eval_speed.json")
     args = ap.parse_args(argv)
     os.environ["FORGE_RT_CACHE"] = tempfile.mkdtemp(prefix="forge_rt-bench-cache-")  # cold: nothing cached yet
@@ -51,7 +55,7 @@ def main(argv=None) -> int:
     from forge_rt.core.dist import SINGLE
     from forge_rt.eval.engine import llamacpp_answers, prompt_ids
     from forge_rt.eval.hf import generate_answers, retention_perplexity
-    from forge_rt.models import build_model, load_model
+    from forge_rt.models import build_model, load_model, load_run
     from forge_rt.train.config import TrainConfig
     from forge_rt.train.evaluation import RunEval
 
@@ -59,18 +63,30 @@ def main(argv=None) -> int:
     paths = data.demo_paths()
     rows = data.load_examples(paths["eval"])[: args.limit]
     retention = data.read_text(paths["retention"], "retention text", "--retention-text")
-    base, tok = load_model(cfg.model, nf4=True)
-    model = build_model(base, cfg.lora_spec()).eval()  # LoRA B = 0: the base model, as the trainer's base eval sees it
+    if args.run:
+        model, tok, _ = load_run(args.run)
+        model.eval()
+    else:
+        base, tok = load_model(cfg.model, nf4=True)
+        model = build_model(base, cfg.lora_spec()).eval()  # LoRA B = 0: the base model, as the trainer's base eval sees it
+    lora = None
     ev = RunEval(cfg, SimpleNamespace(evals=rows, retention=retention, prompt=SimpleNamespace(name="model")), SINGLE)
     ids = prompt_ids(tok, rows)
-    record = {"command": "python bench/eval_speed.py" + (f" --limit {args.limit}" if args.limit else ""),
-              "model": "SmolLM2-135M-Instruct (shipped Q4_1 GGUF) as trained: NF4", "n": len(rows),
+    if args.run:
+        lora, lora_export = _timed(lambda: ev.lora_gguf(model, Path(tempfile.mkdtemp(prefix="forge_rt-bench-"))),
+                                   "gguf-lora export")
+    record = {"command": "python bench/eval_speed.py" + (f" --limit {args.limit}" if args.limit else "")
+              + (f" --run {args.run}" if args.run else ""),
+              "model": "SmolLM2-135M-Instruct (shipped Q4_1 GGUF) as trained: NF4"
+              + (" + the run's adapter (gguf-lora f32)" if args.run else ""), "n": len(rows),
               "max_new_tokens": cfg.max_new_tokens, "parallel": cfg.eval_batch_size, "torch_threads": torch.get_num_threads(),
               "cpus": len(os.sched_getaffinity(0)), "machine": platform.processor() or platform.machine(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_start": _load()}
 
+    if args.run:
+        record["lora_export"] = lora_export
     (gguf, _), export = _timed(lambda: ev.base_gguf(model, tok), "gguf-base export")
-    answers, t = _timed(lambda: llamacpp_answers(gguf, None, ids, cfg.max_new_tokens, cfg.eval_batch_size),
+    answers, t = _timed(lambda: llamacpp_answers(gguf, lora, ids, cfg.max_new_tokens, cfg.eval_batch_size),
                         "llama.cpp answers (cold)")
     record["llamacpp_cold"] = _gen_record(tok, rows, answers, t, {"export": export})
     ppl_l, record["retention_pytorch"] = _timed(lambda: retention_perplexity(model, tok, retention), "retention")
@@ -81,7 +97,7 @@ def main(argv=None) -> int:
     record["pytorch"] = _gen_record(tok, rows, answers_pt, t)
 
     (gguf2, cached), export2 = _timed(lambda: ev.base_gguf(model, tok), "gguf-base (cached)")
-    answers2, t = _timed(lambda: llamacpp_answers(gguf2, None, ids, cfg.max_new_tokens, cfg.eval_batch_size),
+    answers2, t = _timed(lambda: llamacpp_answers(gguf2, lora, ids, cfg.max_new_tokens, cfg.eval_batch_size),
                          "llama.cpp answers (warm)")
     record["llamacpp_warm"] = _gen_record(tok, rows, answers2, t, {"export": {**export2, "cached": cached}})
     record["retention_pytorch"]["ppl"] = ppl_l
