@@ -36,13 +36,8 @@ def fresh_smollm2(smollm2):
 @pytest.fixture(scope="session")
 def smol_tok():
     """SmolLM2's tokenizer, read from the shipped GGUF without loading the model."""
-    from transformers import AutoTokenizer
-    from forge_rt.models import default_gguf_path
-    path = default_gguf_path()
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    from forge_rt.models import load_tokenizer
+    return load_tokenizer()
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import gguf
 
+from forge_rt.models.gguf_reader import GGUFReader
+
 from .gguf_common import (PERMUTED_ARCHS, QUANTS, check_hf_arch, encode, gguf_name, name_map, stored_type,
                           to_llamacpp_rows)
 from .gguf_stream import Planned, write_streamed
@@ -31,7 +33,7 @@ def write_gguf_lora(peft_model, out: Path, quant: str, source_gguf: Path | None)
     config = peft_model.get_base_model().config
     base_names = None
     if source_gguf is not None:
-        reader = gguf.GGUFReader(source_gguf)
+        reader = GGUFReader(source_gguf)
         arch = reader.fields["general.architecture"].contents()
         base_names = {t.name for t in reader.tensors}
     else:

@@ -12,6 +12,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from forge_rt.models.gguf_reader import GGUFReader
+
 from .gguf_common import (PERMUTED_ARCHS, QUANTS, check_hf_arch, encode, gguf_name, head_type, name_map,
                           stored_type, to_llamacpp_rows)
 from .gguf_stream import Planned, write_streamed
@@ -34,7 +36,7 @@ def write_gguf(model, tokenizer, out: Path, quant: str, source_gguf: Path | None
     qtype, ftype = QUANTS[quant]
     config = getattr(model, "get_base_model", lambda: model)().config
     if source_gguf is not None:
-        reader = gguf.GGUFReader(source_gguf)
+        reader = GGUFReader(source_gguf)
         arch = reader.fields["general.architecture"].contents()
         writer = gguf.GGUFWriter(out, arch)
         for field in reader.fields.values():

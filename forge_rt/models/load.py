@@ -11,6 +11,7 @@ import torch
 
 from forge_rt.models.paths import ModelLoadError, check_causal, check_complete, check_model_path, default_gguf_path
 from forge_rt.models.gguf_file import apply_rope_freqs
+from forge_rt.models.gguf_reader import fast_gguf
 from forge_rt.models.stream_load import load_nf4
 from forge_rt.sovereign.guard import set_offline_env
 
@@ -42,7 +43,8 @@ def _gguf_tokenizer(path: str, size: int, mtime_ns: int):
     vocabulary (SmolLM2) and a run, its export and its evaluation each ask for it; callers get a copy."""
     from transformers import AutoTokenizer
     p = Path(path)
-    return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    with fast_gguf():
+        return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
 
 
 def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, nf4: bool = False,
@@ -61,7 +63,11 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
     try:
         if p.is_file():
             kw = dict(gguf_file=p.name)
-            model = load_nf4(p, dtype) if nf4 else AutoModelForCausalLM.from_pretrained(p.parent, dtype=dtype, **kw)
+            if nf4:
+                model = load_nf4(p, dtype)
+            else:
+                with fast_gguf():
+                    model = AutoModelForCausalLM.from_pretrained(p.parent, dtype=dtype, **kw)
             apply_rope_freqs(model, p)  # Llama 3.x rope scaling, which transformers' GGUF loader drops
         else:
             if nf4 and any(p.glob("*.safetensors")):

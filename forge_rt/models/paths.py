@@ -60,7 +60,9 @@ def _gguf_config(path: str, size: int, mtime_ns: int):
     """A GGUF's config, read once per file version and process (transformers parses every field of the file,
     seconds for a 49k vocabulary); callers get a copy."""
     from transformers import AutoConfig
-    return AutoConfig.from_pretrained(Path(path).parent, gguf_file=Path(path).name)
+    from forge_rt.models.gguf_reader import fast_gguf
+    with fast_gguf():
+        return AutoConfig.from_pretrained(Path(path).parent, gguf_file=Path(path).name)
 
 
 def model_config(path: str | os.PathLike):
@@ -135,7 +137,8 @@ def gguf_facts(path: str | os.PathLike) -> GgufFacts:
 @functools.lru_cache(maxsize=4)
 def _gguf_facts(path: str, size: int, mtime_ns: int) -> GgufFacts:
     import numpy as np
-    from gguf import GGUFReader, dequantize
+    from gguf import dequantize
+    from forge_rt.models.gguf_reader import GGUFReader
     reader = GGUFReader(path)
     field = reader.fields.get("general.architecture")
     rope = [t for t in reader.tensors if t.name == "rope_freqs.weight"]

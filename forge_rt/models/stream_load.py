@@ -96,7 +96,8 @@ def gguf_tensors(path: Path, skeleton: nn.Module):
     converted by transformers' own GGUF helpers (names, llama.cpp's q/k row permutation, Gemma's norm
     offset). `name` is None for tensors the model has no parameter for (e.g. rope_freqs)."""
     import numpy as np
-    from gguf import GGUFReader, dequantize
+    from gguf import dequantize
+    from forge_rt.models.gguf_reader import GGUFReader, fast_gguf
     from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
                                                           get_gguf_hf_weights_map)
     try:
@@ -108,7 +109,8 @@ def gguf_tensors(path: Path, skeleton: nn.Module):
                               f"({type(exc).__name__}: {exc}); copy it again") from None
     arch = reader.fields["general.architecture"].contents()
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=skeleton.config.to_dict())
-    names = get_gguf_hf_weights_map(skeleton, processor)
+    with fast_gguf():
+        names = get_gguf_hf_weights_map(skeleton, processor)
     since_drop = 0
     for t in reader.tensors:
         def read(t=t):
@@ -118,7 +120,7 @@ def gguf_tensors(path: Path, skeleton: nn.Module):
         yield names.get(t.name), path, int(t.n_bytes), read
         since_drop += int(t.n_bytes)
         if since_drop > _DROP_EVERY:  # the map's touched pages count in RSS: give them back (page cache keeps them)
-            reader.data._mmap.madvise(mmap.MADV_DONTNEED)
+            reader.mapped._mmap.madvise(mmap.MADV_DONTNEED)
             since_drop = 0
 
 

@@ -16,6 +16,7 @@ from forge_rt.models import load_run
 
 pytest.importorskip("xllamacpp")
 from forge_rt.eval.llamacpp import LlamaCppEngine, evaluate_gguf  # noqa: E402
+from forge_rt.models.gguf_reader import GGUFReader  # gguf's reader, parsing 4x faster
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["Reading 3: temperature 61 C. Verdict?", "What is the capital of France?", "Say hello.",
@@ -71,7 +72,7 @@ def test_smollm2_gguf_in_gguf_out(smollm2, tmp_path):
     from forge_rt.models import default_gguf_path
     src = default_gguf_path()
     model, tok = smollm2
-    reader = gguf.GGUFReader(src)
+    reader = GGUFReader(src)
     tensors = {t.name: t for t in reader.tensors}
     for name, hf in (("blk.3.attn_q.weight", "q_proj"), ("blk.3.attn_k.weight", "k_proj")):
         t = tensors[name]
@@ -91,7 +92,7 @@ def test_smollm2_gguf_in_gguf_out(smollm2, tmp_path):
     merged_out, lora_out = tmp_path / "m.gguf", tmp_path / "a.gguf"
     recs = export_run(None, {"gguf": merged_out, "gguf-lora": lora_out}, adapter=tmp_path / "adapter", model=src)
     assert {r["kind"] for r in recs} == {"gguf", "gguf-lora"}
-    out_reader = gguf.GGUFReader(merged_out)
+    out_reader = GGUFReader(merged_out)
     skip = ("GGUF.", "general.file_type")
     src_kv = {k: f.contents() for k, f in reader.fields.items() if not k.startswith(skip)}
     assert {k: f.contents() for k, f in out_reader.fields.items() if not k.startswith(skip)} == src_kv

@@ -11,6 +11,7 @@ import pytest
 
 from forge_rt.export import export_run
 from forge_rt.models import ModelLoadError, load_model
+from forge_rt.models.gguf_reader import GGUFReader  # gguf's reader, parsing 4x faster
 
 merge_mod = importlib.import_module("forge_rt.export.merge")  # the package exports a function of that name
 gguf_model = importlib.import_module("forge_rt.export.gguf_model")
@@ -60,6 +61,6 @@ def test_one_layer_folded_at_a_time(kind, tiny_run, tmp_path, monkeypatch):
     out = tmp_path / "m.gguf"
     export_run(tiny_run, {kind: out}, quant="q8_0")
     assert len(made) == 14  # 2 layers x 7 LoRA targets
-    reader = gguf.GGUFReader(out)
+    reader = GGUFReader(out)
     assert sum(t.name.startswith("blk.") and t.tensor_type == gguf.GGMLQuantizationType.Q8_0
                for t in reader.tensors) == 14

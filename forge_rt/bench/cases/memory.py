@@ -40,11 +40,9 @@ def train(name: str, flags: list[str], common: list[str], workdir: Path) -> dict
 
 def long_data(path: Path, tokens: int) -> Path:
     """One prompt/completion row whose completion is `tokens` tokens of prose (SmolLM2's tokenizer)."""
-    from transformers import AutoTokenizer
     from forge_rt.testing import prose_ids
-    from forge_rt.models import default_gguf_path
-    gguf = default_gguf_path()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    from forge_rt.models import load_tokenizer
+    tok = load_tokenizer()
     path.write_text(json.dumps({"prompt": "Continue.", "completion": tok.decode(prose_ids(tok, 1, tokens)[0])}) + "\n")
     return path
 
