@@ -69,7 +69,7 @@ class LlamaCppEngine:
         """Greedy continuations of prompts given as token ids, all queued at once: the server's slots decode
         them side by side. Token ids (not text) so the prompt is exactly the one PyTorch sees. `cache_prompt`: a
         slot keeps the KV of its last prompt's common prefix (the demo's 200 prompts share their first 62 of ~109
-        tokens: system prompt and instruction): 123 -> 87 s for the tuned 135M model, measured paired, alone."""
+        tokens: system prompt and instruction): 123 -> 87 s for the tuned 135M model in one-off paired runs, alone."""
         res = self.server.handle_completions({"prompt": prompts, "n_predict": max_tokens, "temperature": 0.0,
                                               "top_k": 1, "cache_prompt": True})
         if "error" in res:
