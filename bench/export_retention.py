@@ -13,17 +13,16 @@ deploy it. Run alone or beside untimed work: only the perplexities are compared.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
-from export_scores import _imatrix, _save
 from forge_rt.bench.env import environment, loadavg
 from forge_rt.data import demo_paths
 from forge_rt.eval.hf import retention_perplexity
 from forge_rt.export import export_run
 from forge_rt.models import load_model
+from run_exports import add_row, run_files, run_imatrix, save_record
 
 
 def _perplexity(gguf: Path, adapter: Path | None, text: str) -> float:
@@ -40,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quants", default="f16,q8_0,q6_k,q5_k_m,q4_k_m")
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
-    metrics = json.loads((a.run / "metrics.json").read_text())
-    cfg = json.loads((a.run / "config.json").read_text())
+    metrics, cfg = run_files(a.run)
     text = demo_paths()["retention"].read_text()
     record = {"run": str(a.run), "pytorch_nf4_run": {k: metrics.get(k) for k in (
                   "ppl_retention_base", "ppl_retention_tuned", "ppl_retention_change_pct")},
@@ -49,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
               "retention": "the shipped retention sample, sliding windows of 512 tokens, stride 256", "results": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        _imatrix(a.run, tmp / "imatrix.dat", cfg.get("max_len", 512))
+        run_imatrix(a.run, tmp / "imatrix.dat", cfg.get("max_len", 512))
         cases = [("gguf", q, False) for q in a.quants.split(",")]
         cases += [("gguf", "q4_k_m", True), ("gguf-base", "q4_k_m", False)]
         for kind, quant, with_imatrix in cases:
@@ -61,12 +59,10 @@ def main(argv: list[str] | None = None) -> int:
                              + (" (+ the run's adapter)" if kind == "gguf-base" else ""),
                    "bytes": out.stat().st_size, "ppl_retention": ppl,
                    "change_vs_base_pct": 100 * (ppl / base - 1)}
-            record["results"].append(row)
-            print(json.dumps(row), flush=True)
-            _save(record, a.json)
+            add_row(record, row, a.json)
             out.unlink()
     record["loadavg_after"] = loadavg()
-    _save(record, a.json)
+    save_record(record, a.json)
     return 0
 
 

@@ -18,17 +18,10 @@ import time
 from pathlib import Path
 
 from forge_rt.bench.env import environment, loadavg
-from forge_rt.data import demo_paths, load_examples, tokenize_examples
+from forge_rt.data import demo_paths, load_examples
 from forge_rt.eval.llamacpp import evaluate_gguf
 from forge_rt.export import export_run
-from forge_rt.export.imatrix_collect import write_run_imatrix
-from forge_rt.models import load_run
-
-
-def _imatrix(run: Path, out: Path, max_len: int) -> dict:
-    model, tok, _ = load_run(run)
-    data = tokenize_examples(load_examples(demo_paths()["train"]), tok, max_len)
-    return write_run_imatrix(model, data.input_ids, out, dataset="demo train")
+from run_exports import add_row, run_files, run_imatrix, save_record
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,8 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quants", default="q4_k_m,q5_k_m,q6_k")
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
-    metrics = json.loads((a.run / "metrics.json").read_text())
-    cfg = json.loads((a.run / "config.json").read_text())
+    metrics, cfg = run_files(a.run)
     evals = load_examples(demo_paths()["eval"])
     record = {"run": str(a.run), "pytorch_tuned_score": metrics.get("score_tuned"),
               "pytorch_eval_engine": metrics.get("eval_engine"), "environment": environment(),
@@ -47,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        imat = _imatrix(a.run, tmp / "imatrix.dat", cfg.get("max_len", 512))
+        imat = run_imatrix(a.run, tmp / "imatrix.dat", cfg.get("max_len", 512))
         record["imatrix"] = {**imat, "path": None, "seconds": time.perf_counter() - t0}
         cases = [("gguf", q, False) for q in a.quants.split(",")]
         cases += [("gguf", "q4_k_m", True), ("gguf-base", "q4_k_m", False), ("gguf-base", "q4_k_m", True)]
@@ -65,21 +57,11 @@ def main(argv: list[str] | None = None) -> int:
                              + (" (+ --to gguf-lora --quant f16)" if kind == "gguf-base" else ""),
                    "bytes": out.stat().st_size, "export_seconds": exported,
                    **{k: res[k] for k in ("score", "exact", "field_acc", "valid_json", "n", "seconds")}}
-            record["results"].append(row)
-            print(json.dumps(row), flush=True)
-            _save(record, a.json)  # as it goes: a case that fails keeps the ones before it
+            add_row(record, row, a.json)
             out.unlink()
     record["loadavg_after"] = loadavg()
-    _save(record, a.json)
+    save_record(record, a.json)
     return 0
-
-
-def _save(record: dict, path: Path | None) -> None:
-    text = json.dumps(record, indent=1)
-    if path is not None:
-        path.write_text(text + "\n")
-    else:
-        print(text)
 
 
 if __name__ == "__main__":
