@@ -3,7 +3,8 @@
 Why: the stock reader slices an np.memmap once per field part (three per vocabulary string), and each slice
 builds a memmap object; SmolLM2's 49k vocabulary is ~1M parts. Over a plain view of the same read-only map
 the parse is ~3.7x faster (SmolLM2 Q4_1 2.58 -> 0.67 s, Gemma 3 270M with 262k tokens 10.78 -> 3.05 s: medians
-in bench/results/gguf_parse.json; fields and tensor bytes equal: tests/models/test_gguf_reader.py). Upstream knows (llama.cpp PR 13378, open).
+in bench/results/gguf_parse.json; fields and tensor bytes equal: tests/models/test_gguf_reader.py). Upstream
+knows (llama.cpp PR 13378, open).
 
 transformers' GGUF loading (config, tokenizer, weights) looks `gguf.GGUFReader` up when it is called, several
 times per model; `fast_gguf()` hands it this reader for the duration of a forge_rt load. Within it, also
