@@ -22,7 +22,7 @@ from forge_rt.data import demo_paths
 from forge_rt.eval.hf import retention_perplexity
 from forge_rt.export import export_run
 from forge_rt.models import load_model
-from run_exports import add_row, run_files, run_imatrix, save_record
+from run_exports import add_row, case_label, finish_record, run_files, run_imatrix
 
 
 def _perplexity(gguf: Path, adapter: Path | None, text: str) -> float:
@@ -55,14 +55,13 @@ def main(argv: list[str] | None = None) -> int:
             export_run(a.run, {kind: out}, quant=quant, imatrix=tmp / "imatrix.dat" if with_imatrix else None)
             ppl = _perplexity(out, a.run / "adapter" if kind == "gguf-base" else None, text)
             base = metrics["ppl_retention_base"]
-            row = {"export": f"--to {kind} --quant {quant}" + (" --imatrix" if with_imatrix else "")
+            row = {"export": case_label(kind, quant, with_imatrix)
                              + (" (+ the run's adapter)" if kind == "gguf-base" else ""),
                    "bytes": out.stat().st_size, "ppl_retention": ppl,
                    "change_vs_base_pct": 100 * (ppl / base - 1)}
             add_row(record, row, a.json)
             out.unlink()
-    record["loadavg_after"] = loadavg()
-    save_record(record, a.json)
+    finish_record(record, a.json)
     return 0
 
 

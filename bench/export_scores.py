@@ -21,7 +21,7 @@ from forge_rt.bench.env import environment, loadavg
 from forge_rt.data import demo_paths, load_examples
 from forge_rt.eval.llamacpp import evaluate_gguf
 from forge_rt.export import export_run
-from run_exports import add_row, run_files, run_imatrix, save_record
+from run_exports import add_row, case_label, finish_record, run_files, run_imatrix
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,14 +53,13 @@ def main(argv: list[str] | None = None) -> int:
             exported = time.perf_counter() - t0
             res = evaluate_gguf(out, lora if kind == "gguf-base" else None, eval_rows=evals,
                                 max_new_tokens=cfg.get("max_new_tokens", 64))
-            row = {"export": f"--to {kind} --quant {quant}" + (" --imatrix" if with_imatrix else "")
+            row = {"export": case_label(kind, quant, with_imatrix)
                              + (" (+ --to gguf-lora --quant f16)" if kind == "gguf-base" else ""),
                    "bytes": out.stat().st_size, "export_seconds": exported,
                    **{k: res[k] for k in ("score", "exact", "field_acc", "valid_json", "n", "seconds")}}
             add_row(record, row, a.json)
             out.unlink()
-    record["loadavg_after"] = loadavg()
-    save_record(record, a.json)
+    finish_record(record, a.json)
     return 0
 
 

@@ -37,3 +37,15 @@ def add_row(record: dict, row: dict, path: Path | None) -> None:
     record["results"].append(row)
     print(json.dumps(row), flush=True)
     save_record(record, path)
+
+
+def finish_record(record: dict, path: Path | None) -> None:
+    """The load average after the last case, and the record saved once more."""
+    from forge_rt.bench.env import loadavg
+    record["loadavg_after"] = loadavg()
+    save_record(record, path)
+
+
+def case_label(kind: str, quant: str, with_imatrix: bool) -> str:
+    """An export case as the command line that writes it."""
+    return f"--to {kind} --quant {quant}" + (" --imatrix" if with_imatrix else "")
