@@ -40,14 +40,16 @@ class DPSettings:
 class DPRun:
     """One DP training run: `step(losses_of)` takes an optimizer step's worth of gradient into p.grad."""
 
-    def __init__(self, model, settings: DPSettings, n_examples: int, expected_batch: int, total_steps: int):
+    def __init__(self, model, settings: DPSettings, n_examples: int, expected_batch: int, total_steps: int,
+                 micro_batch: int | None = None):
         if n_examples < expected_batch:
             raise DPError(f"--dp-*: the dataset has {n_examples} examples, fewer than the batch of {expected_batch}: "
-                          "Poisson sampling needs a rate below 1; lower --batch-size or add data")
+                          "Poisson sampling needs a rate below 1; lower --dp-batch (or --batch-size) or add data")
         if settings.delta >= 1 / n_examples:
             raise DPError(f"--dp-delta {settings.delta:g} is not below 1/n = {1 / n_examples:.3g}: such a delta allows "
                           "releasing a whole example; use a smaller --dp-delta (e.g. 1e-5)")
-        self.settings, self.n, self.micro = settings, n_examples, expected_batch
+        self.settings, self.n, self.expected = settings, n_examples, expected_batch
+        self.micro = micro_batch or expected_batch
         self.q = expected_batch / n_examples
         self.sigma = settings.noise if settings.noise is not None else noise_for_epsilon(
             settings.epsilon, settings.delta, self.q, total_steps, settings.accountant)
@@ -58,14 +60,15 @@ class DPRun:
         self.clip_seconds, self.examples, self.clipped = 0.0, 0, 0
 
     @classmethod
-    def start(cls, model, settings: DPSettings, n_examples: int, batch_size: int, total_steps: int, cfg,
+    def start(cls, model, settings: DPSettings, n_examples: int, expected_batch: int, total_steps: int, cfg,
               world: int = 1) -> "DPRun":
-        """The run's DP side, after the refusals (`cfg`: the trainer's config, for pack and grad_accum)."""
+        """The run's DP side, after the refusals (`cfg`: the trainer's config, for pack, grad_accum and the
+        micro-batch size)."""
         settings.check(cfg.pack, cfg.grad_accum, world)
-        dp = cls(model, settings, n_examples, batch_size, total_steps)
+        dp = cls(model, settings, n_examples, expected_batch, total_steps, cfg.batch_size)
         print(f"dp: noise multiplier {dp.sigma:.4g}, clip {settings.clip:g}, Poisson rate {dp.q:.4g} (expected "
-              f"batch {batch_size} of {n_examples}), delta {settings.delta:g}, {settings.accountant} accountant; "
-              "LoRA dropout off", flush=True)
+              f"batch {expected_batch} of {n_examples}, in micro-batches of {dp.micro}), delta {settings.delta:g}, "
+              f"{settings.accountant} accountant; LoRA dropout off", flush=True)
         return dp
 
     def step(self, losses_of) -> tuple[list[float], list[int]]:
@@ -103,7 +106,8 @@ class DPRun:
         forming each example's LoRA gradients in backward plus clipping and summing them)."""
         s = self.settings
         return {"epsilon_target": s.epsilon, "epsilon_spent": self.epsilon(), "delta": s.delta, "clip": s.clip,
-                "noise_multiplier": self.sigma, "sample_rate": self.q, "expected_batch": self.micro,
+                "noise_multiplier": self.sigma, "sample_rate": self.q, "expected_batch": self.expected,
+                "micro_batch": self.micro,
                 "steps": self.accountant.steps, "accountant": s.accountant, "sampling": "poisson",
                 "examples_seen": self.examples, "clipped_fraction": self.clipped / max(1, self.examples),
                 "per_example_seconds": self.clip_seconds + self.grads.seconds}

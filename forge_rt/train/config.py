@@ -82,10 +82,11 @@ class TrainConfig:
     isolate: bool = field(default=False, metadata=dict(help="run in a new network namespace (only loopback): the kernel blocks egress, C libraries included"))
     scrub_ner: bool = field(default=False, metadata=dict(help="also scrub names of people, organisations and places (offline spaCy model; pip install 'forge_rt[ner]')"))
     # Differential privacy of the LoRA weights and the canary audit (forge_rt.privacy).
-    dp_epsilon: float | None = field(default=None, metadata=dict(help="train with differential privacy at this epsilon: per-example clipping of the LoRA gradients, Gaussian noise calibrated to the run's steps, Poisson-sampled batches of expected size --batch-size (LoRA dropout is then off)"))
+    dp_epsilon: float | None = field(default=None, metadata=dict(help="train with differential privacy at this epsilon: per-example clipping of the LoRA gradients, Gaussian noise calibrated to the run's steps, Poisson-sampled batches of expected size --dp-batch (LoRA dropout is then off)"))
     dp_noise: float | None = field(default=None, metadata=dict(help="DP with this noise multiplier sigma instead of a target --dp-epsilon (the epsilon spent is reported)"))
     dp_delta: float = field(default=1e-5, metadata=dict(help="DP delta (must be below 1/number of examples)"))
     dp_clip: float = field(default=1.0, metadata=dict(help="DP per-example gradient norm bound C"))
+    dp_batch: int | None = field(default=None, metadata=dict(help="DP: expected size of a step's Poisson sample (default --batch-size), run in micro-batches of --batch-size with one noise draw per step; the noise per example falls as this grows: the lever for the score at a fixed epsilon"))
     dp_accountant: str = field(default="rdp", metadata=dict(help="privacy accountant (Opacus): rdp or prv", choices=["rdp", "prv"]))
     audit: bool = field(default=False, metadata=dict(help="canary audit: insert random secrets at 1/4/16 repetitions into a copy of the training rows, and measure their exposure and extraction on the base and tuned models (this run's adapter then holds the canaries: keep it for the audit only)"))
     audit_candidates: int = field(default=1000, metadata=dict(help="random candidates each canary is ranked against (exposure can show at most log2 of this + 1 bits)"))
@@ -130,6 +131,9 @@ class TrainConfig:
                     raise ConfigError(str(exc)) from None
         if self.dp:
             self.dp_settings().check(self.pack, self.grad_accum)
+        elif self.dp_batch is not None:
+            raise ConfigError("--dp-batch sets the Poisson sample of a DP step: add --dp-epsilon (or --dp-noise), "
+                              "or drop it (a non-private step's examples are --batch-size x --grad-accum)")
 
     @property
     def dp(self) -> bool:
@@ -152,7 +156,8 @@ class TrainConfig:
 _MINIMUM = {"lora_r": 1, "lora_alpha": 1e-6, "batch_size": 1, "grad_accum": 1, "max_len": 2, "eval_batch_size": 1,
             "max_new_tokens": 1, "weight_decay": 0.0, "warmup_steps": 0, "max_steps": 0, "epochs": 0.0,
             "max_grad_norm": 0.0, "checkpoint_every": 0, "log_every": 1, "eval_limit": 1, "seed": 0,
-            "dist_timeout": 1.0, "dp_epsilon": 1e-6, "dp_noise": 1e-6, "dp_clip": 1e-12, "audit_candidates": 1}
+            "dist_timeout": 1.0, "dp_epsilon": 1e-6, "dp_noise": 1e-6, "dp_clip": 1e-12, "dp_batch": 1,
+            "audit_candidates": 1}
 _WHY = {"max_len": "an example needs a prompt token and a response token",
         "max_steps": "0 means use --epochs; a negative count would train nothing and save an untrained adapter",
         "log_every": "progress is printed every N steps",

@@ -53,10 +53,24 @@ def test_dp_run_reports_epsilon_and_resume_keeps_the_accountant(tiny, tmp_path, 
     assert resumed["steps"] == 6 and resumed["epsilon_spent"] == pytest.approx(dp["epsilon_spent"], rel=1e-9)
 
 
+def test_dp_batch_is_the_poisson_sample_run_in_micro_batches(tiny, tmp_path, monkeypatch):
+    from forge_rt.train import loop
+    model_dir, data = tiny
+    sizes, real_batch = [], loop._batch
+    monkeypatch.setattr(loop, "_batch", lambda tok_data, idx: (sizes.append(len(idx)), real_batch(tok_data, idx))[1])
+    # --max-steps 0: one epoch, ceil(24 / 16) steps
+    assert train.main(tiny_args(model_dir, data, tmp_path / "b", *DP, "--dp-batch", "16", "--max-steps", "0")) == 0
+    dp = json.loads((tmp_path / "b" / "metrics.json").read_text())["dp"]
+    assert dp["steps"] == 2 and dp["sample_rate"] == 16 / 24 and (dp["expected_batch"], dp["micro_batch"]) == (16, 4)
+    assert max(sizes) <= 4 and sum(sizes) == dp["examples_seen"] > 4  # samples of ~16 in micro-batches of 4
+    assert dp["epsilon_spent"] == pytest.approx(_opacus_epsilon(dp["noise_multiplier"], 16 / 24, 2, 1e-5), rel=1e-9)
+
+
 @pytest.mark.parametrize("flags, says", [
     (("--pack",), "error: --dp-* with --pack"),
     (("--grad-accum", "2"), "error: --dp-* with --grad-accum 2"),
     (("--batch-size", "30"), "fewer than the batch of 30"),
+    (("--dp-batch", "30"), "fewer than the batch of 30"),
     (("--dp-noise", "1.0"), "not both"),
     (("--dp-delta", "0.1"), "--dp-delta 0.1 is not below 1/n"),
 ])
