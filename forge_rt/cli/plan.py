@@ -11,7 +11,7 @@ from forge_rt.plan.estimate import Shapes, parse_bytes
 
 # Usable memory of each device class (total minus what the OS and, on Jetson, the display keep).
 DEVICES = {"cpu": None, "cuda": None, "orin-16": 14 << 30, "orin-32": 29 << 30, "orin-64": 60 << 30}
-PARTS = ("runtime", "weights", "lora_adam", "activations", "logits", "workspace", "heap")
+PARTS = ("runtime", "tokenizer", "weights", "lora_adam", "activations", "logits", "workspace", "heap")
 
 
 def load_shapes(model: str | None) -> Shapes:

@@ -13,6 +13,7 @@ from forge_rt.models.paths import ModelLoadError, check_causal, check_complete, 
 from forge_rt.models.gguf_file import apply_rope_freqs
 from forge_rt.models.gguf_reader import fast_gguf
 from forge_rt.models.stream_load import load_nf4
+from forge_rt.pager.heap import trim_heap
 from forge_rt.sovereign.guard import set_offline_env
 
 
@@ -26,6 +27,7 @@ def load_tokenizer(path: str | os.PathLike | None = None):
         if p.is_file():
             st = p.stat()
             tok = copy.deepcopy(_gguf_tokenizer(str(p.resolve()), st.st_size, st.st_mtime_ns))
+            trim_heap()  # the copy goes through the vocabulary as JSON: Gemma 3's 262k ids left ~260 MiB of heap
         else:
             tok = AutoTokenizer.from_pretrained(p)
     except (OSError, ValueError, KeyError) as exc:
@@ -44,7 +46,9 @@ def _gguf_tokenizer(path: str, size: int, mtime_ns: int):
     from transformers import AutoTokenizer
     p = Path(path)
     with fast_gguf():
-        return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+        tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    trim_heap()  # the conversion's Python lists of tokens and merges (Gemma 3: ~80 MiB of heap)
+    return tok
 
 
 def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, nf4: bool = False,

@@ -1,11 +1,13 @@
 """Peak memory of a LoRA training step, predicted from the model's shapes without loading its weights.
 
     est = estimate(config, batch=8, seq_len=144, checkpointing=True, chunked_loss=True)
-    est.total, est.parts   # bytes; {"runtime", "weights", "lora_adam", "activations", "logits", "workspace"}
+    est.total, est.parts   # bytes; {"runtime", "tokenizer", "weights", "lora_adam", "activations", "logits", ...}
 
 What each part counts (fp32 activations on a CPU, 16-bit on GPUs):
 - runtime: the interpreter, torch, transformers and PEFT once imported (measured here, see RUNTIME);
   on a CUDA device the CUDA context instead (and on unified-memory Jetsons both);
+- tokenizer: the fast tokenizer a run keeps (forge_rt.models.load caches one per GGUF and hands out a copy),
+  affine in the vocabulary (TOKENIZER_BYTES);
 - weights: targeted linears in NF4 (half a byte per weight plus a byte per 64-weight block),
   everything else (embeddings, norms, biases, an untied head) at `Shapes.embed_bytes` a weight: the
   trainer loads fp32 on every device (4), a bf16 load 2, an NF4 embedding NF4_BYTES_PER_WEIGHT. With a
@@ -38,6 +40,10 @@ RUNTIME = {"cpu": int(0.50 * GiB), "cuda": int(0.60 * GiB), "orin": int(1.10 * G
 # RSS over live tensors at the peak, as a fraction of the activation parts: 0.35 measured here with the RSS
 # cap on (demo job: 1.34x in checkpointed `auto`, 1.35x in `speed`); glibc alone held 2-8x.
 HEAP_RETAINED = {"cpu": 0.35}
+# RSS that load_tokenizer adds (the cached tokenizer and one copy), fixed + per vocabulary id: 69 MiB for
+# SmolLM2's 49k ids, 209 MiB for Gemma 3's 262k (GGUF tokenizers, measured here: /proc/self/statm around
+# the first load_tokenizer call).
+TOKENIZER_BYTES = (37 << 20, 689)
 CHUNK_BYTES = 32 << 20  # the chunked loss's per-chunk logits budget (forge_rt.kernels.linear_ce_torch)
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64  # packed nibbles + one uint8 absmax per 64-weight block
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -167,6 +173,7 @@ def estimate(shapes: Shapes, batch: int, seq_len: int, *, checkpointing: bool, c
     heap = HEAP_RETAINED.get(device, 0.0) * (activations + logits + workspace)
     return Estimate({
         "runtime": runtime,
+        "tokenizer": TOKENIZER_BYTES[0] + TOKENIZER_BYTES[1] * shapes.vocab,
         "weights": int(shapes.linear_params() * NF4_BYTES_PER_WEIGHT + shapes.other_params() * shapes.embed_bytes),
         "lora_adam": lora * 4 * 4,
         "activations": int(activations),
