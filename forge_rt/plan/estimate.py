@@ -40,9 +40,8 @@ RUNTIME = {"cpu": int(0.50 * GiB), "cuda": int(0.60 * GiB), "orin": int(1.10 * G
 # RSS over live tensors at the peak, as a fraction of the activation parts: 0.35 measured here with the RSS
 # cap on (demo job: 1.34x in checkpointed `auto`, 1.35x in `speed`); glibc alone held 2-8x.
 HEAP_RETAINED = {"cpu": 0.35}
-# RSS that load_tokenizer adds (the cached tokenizer and one copy), fixed + per vocabulary id: 69 MiB for
-# SmolLM2's 49k ids, 209 MiB for Gemma 3's 262k (GGUF tokenizers, measured here: /proc/self/statm around
-# the first load_tokenizer call).
+# RSS that load_tokenizer adds (the cached tokenizer and one copy), fixed + per vocabulary id: 70 MiB for
+# SmolLM2's 49k ids, 208 MiB for Gemma 3's 262k (GGUF tokenizers; bench/results/tokenizer_rss.json).
 TOKENIZER_BYTES = (37 << 20, 689)
 CHUNK_BYTES = 32 << 20  # the chunked loss's per-chunk logits budget (forge_rt.kernels.linear_ce_torch)
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64  # packed nibbles + one uint8 absmax per 64-weight block
