@@ -2,8 +2,9 @@
 
 A base that came from a GGUF keeps that file's metadata (architecture keys, tokenizer, chat template)
 and tensor list; only the tensors are replaced (ones the model has no counterpart for, e.g. rope_freqs,
-are copied as they are). A base from a HF directory gets metadata written here for llama, mistral and
-qwen2 with a byte-level BPE tokenizer."""
+are copied as they are). A base from a HF directory gets metadata written here for the architectures
+gguf_common knows, with a byte-level BPE tokenizer (tokenizer.json) or a SentencePiece one (tokenizer.model:
+Llama 2, Mistral, Gemma; its pieces, scores and types read by gguf's SentencePieceVocab)."""
 from __future__ import annotations
 
 import json
@@ -152,28 +153,63 @@ def _pre_tokenizer(spec: dict | None) -> str:
                       f"GGUF writer knows (gpt-2, smollm, llama-bpe, qwen2); llama.cpp would split text differently")
 
 
+def _spm_pieces(tok) -> dict[int, tuple[bytes, float, int]]:
+    """{id: (piece, score, type)} of a SentencePiece tokenizer from the tokenizer.model beside it: llama.cpp's
+    SPM tokenizer merges by these scores (tokenizer.json has none), so they must be the model's own."""
+    model_file = Path(getattr(tok, "name_or_path", "") or ".") / "tokenizer.model"
+    if not model_file.is_file():
+        raise ExportError(f"the tokenizer is SentencePiece-based but {model_file} is missing: llama.cpp needs its "
+                          "piece scores; copy the model's tokenizer.model beside tokenizer.json, or export --to hf")
+    from forge_rt.core.errors import require_extra
+    with require_extra("export", "a GGUF of a SentencePiece tokenizer"):
+        import sentencepiece  # noqa: F401 (gguf.SentencePieceVocab reads the file with it)
+    vocab = gguf.SentencePieceVocab(model_file.parent)
+    return {i: (piece, score, int(kind)) for i, (piece, score, kind) in enumerate(vocab.all_tokens())}
+
+
+def _space_prefix(spec: dict) -> bool:
+    """Whether the tokenizer puts '▁' before the first word (Llama 2, Mistral) or not (Gemma)."""
+    steps = [spec.get("normalizer") or {}, spec.get("pre_tokenizer") or {}]
+    steps = [t for s in steps for t in (s.get("normalizers") or s.get("pretokenizers") or [s])]
+    return any((t.get("type") == "Prepend" and t.get("prepend") == "\u2581") or
+               (t.get("type") == "Metaspace" and t.get("prepend_scheme", "always") != "never") for t in steps)
+
+
 def _write_tokenizer(w: gguf.GGUFWriter, tok, vocab_size: int) -> None:
     backend = getattr(tok, "backend_tokenizer", None)
     spec = json.loads(backend.to_str()) if backend is not None else {}
-    if spec.get("model", {}).get("type") != "BPE" or spec["model"].get("byte_fallback"):
-        raise ExportError("the GGUF writer supports byte-level BPE tokenizers (tokenizer.json) only; export --to hf")
-    by_id = {i: t for t, i in tok.get_vocab().items()}
+    kind = spec.get("model", {}).get("type")
+    spm = kind == "Unigram" or (kind == "BPE" and spec["model"].get("byte_fallback"))
+    if kind != "BPE" and not spm:
+        raise ExportError(f"the GGUF writer supports byte-level BPE and SentencePiece tokenizers, not {kind or 'this'} "
+                          "one; export --to hf")
+    pieces = _spm_pieces(tok) if spm else {i: (t, 0.0, gguf.TokenType.NORMAL) for t, i in tok.get_vocab().items()}
     added = {i: a for i, a in tok.added_tokens_decoder.items()}
-    tokens, types = [], []
+    tokens, scores, types = [], [], []
     for i in range(vocab_size):
-        if i not in by_id:  # embedding rows past the tokenizer's vocabulary
+        if i not in pieces and i not in added:  # embedding rows past the tokenizer's vocabulary
             tokens.append(f"[PAD{i}]")
+            scores.append(-1000.0)
             types.append(gguf.TokenType.UNUSED)
             continue
-        tokens.append(by_id[i])
-        types.append(gguf.TokenType.NORMAL if i not in added else
-                     gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(_pre_tokenizer(spec.get("pre_tokenizer")))
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
+        piece, score, kind_i = pieces[i] if i in pieces else (added[i].content, -1000.0, gguf.TokenType.NORMAL)
+        tokens.append(piece)
+        scores.append(score)
+        types.append(gguf.TokenType.CONTROL if i in added and added[i].special else
+                     gguf.TokenType.USER_DEFINED if i in added and kind_i == gguf.TokenType.NORMAL else kind_i)
+    if spm:
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_add_space_prefix(_space_prefix(spec))
+    else:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(_pre_tokenizer(spec.get("pre_tokenizer")))
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])])
     for attr, add in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
                       ("unk_token_id", w.add_unk_token_id), ("pad_token_id", w.add_pad_token_id)):
         if getattr(tok, attr, None) is not None:

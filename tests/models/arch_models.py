@@ -21,23 +21,45 @@ def write_source_gguf(model_dir: Path, tok, out: Path, quant: str = "f32") -> Pa
     return out
 
 
-def llamacpp_steps(gguf_path: Path, ids: list[int], n: int, lora: Path | None = None) -> list[tuple[int, dict]]:
-    """n greedy steps of llama.cpp from prompt `ids`: (chosen token, {token: log-prob} of its top 5)."""
+def llamacpp_steps(gguf_path: Path, ids: list[int] | str, n: int, lora: Path | None = None,
+                   tok=None) -> list[tuple[int, dict]]:
+    """n greedy steps of llama.cpp from prompt `ids` (or a text it tokenizes): (chosen token, {token: log-prob}
+    of its top 5). The server folds a token that ends mid-character into the next step's entry (its `bytes`
+    then hold both, its id the last): with `tok`, the steps stop before the first such entry."""
     from forge_rt.eval.llamacpp import LlamaCppEngine
     engine = LlamaCppEngine(gguf_path, lora, n_ctx=256, threads=1)
-    res = engine.server.handle_completions({"prompt": list(ids), "n_predict": n, "temperature": 0.0, "top_k": 1,
-                                            "n_probs": 5, "samplers": ["top_k"]})
+    res = engine.server.handle_completions({"prompt": ids if isinstance(ids, str) else list(ids), "n_predict": n,
+                                            "temperature": 0.0, "top_k": 1, "n_probs": 5, "samplers": ["top_k"]})
     assert "error" not in res, res
     steps = res["choices"][0]["logprobs"]["content"]
+    if tok is not None:
+        whole = [bytes(s["bytes"]) == token_bytes(tok, s["id"]) for s in steps]
+        steps = steps[:whole.index(False) if False in whole else len(steps)]
     return [(s["id"], {t["id"]: t["logprob"] for t in s["top_logprobs"]}) for s in steps]
 
 
-def assert_llamacpp_matches(model, gguf_path: Path, tok, lora: Path | None = None, n: int = 8, tol: float = 2e-3):
+def token_bytes(tok, i: int) -> bytes:
+    """The bytes token `i` stands for: a SentencePiece byte piece (<0xXX>), a byte-level BPE token, or a piece
+    with '▁' for spaces."""
+    import re
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    piece = tok.convert_ids_to_tokens(i)
+    if m := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece):
+        return bytes([int(m[1], 16)])
+    table = {c: b for b, c in bytes_to_unicode().items()}
+    if all(c in table for c in piece):
+        return bytes(table[c] for c in piece)
+    return piece.replace("\u2581", " ").encode()
+
+
+def assert_llamacpp_matches(model, gguf_path: Path, tok, lora: Path | None = None, n: int = 8, tol: float = 2e-3,
+                            prompt: str | None = None):
     """llama.cpp's greedy continuation of PROMPT is PyTorch's (up to ties within `tol`), and its top log-probs
-    at every step equal PyTorch's log-softmax on the same tokens within `tol`."""
-    ids = tok(PROMPT).input_ids
-    steps = llamacpp_steps(gguf_path, ids, n, lora)
-    assert 0 < len(steps) <= n  # fewer when llama.cpp stops at an end-of-generation token (still compared)
+    at every step equal PyTorch's log-softmax on the same tokens within `tol`. With `prompt`, llama.cpp gets
+    that text and tokenizes it itself (PyTorch the HF tokenizer's ids): its tokenizer is then checked too."""
+    ids = tok(prompt or PROMPT).input_ids
+    steps = llamacpp_steps(gguf_path, prompt if prompt is not None else ids, n, lora, tok)
+    assert 0 < len(steps) <= n  # fewer at an end-of-generation token or a token folded into the next (see above)
     full = torch.tensor([ids + [t for t, _ in steps]])
     with torch.no_grad():
         logp = torch.log_softmax(model(full).logits[0].double(), -1)[len(ids) - 1:-1]
