@@ -29,17 +29,49 @@ def rope_theta(config) -> float:
     return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
-def check_rope(config) -> None:
+def _rope_kinds(config) -> tuple[set[str], dict]:
+    """(the rope types of the config's layer types, the global rope parameters)."""
     rope = dict(getattr(config, "rope_parameters", None) or {})
-    kinds = {r.get("rope_type", "default") for r in rope.values()} if "full_attention" in rope else \
-        {rope.get("rope_type", "default")}
-    if kinds - {"default", "llama3"}:
-        raise ExportError(f"rope scaling {sorted(kinds - {'default', 'llama3'})} is not supported by the GGUF "
-                          "writer; export --to hf")
+    if "full_attention" in rope:
+        return {r.get("rope_type", "default") for r in rope.values()}, rope["full_attention"]
+    return {rope.get("rope_type", "default")}, rope
+
+
+# YaRN settings llama.cpp would not apply as transformers does, with the value that is safe: it derives the
+# attention factor 0.1 ln(factor) + 1 from the factor alone, as transformers does when none of the first four is
+# set, and the llama.cpp of the xllamacpp wheel runs a Llama with beta_fast 32 and beta_slow 1 whatever the file
+# says (tests/models/test_rope_scaling.py fails with 8 and 2 written).
+_YARN_DEFAULTS = {"attention_factor": None, "mscale": None, "mscale_all_dim": None, "partial_rotary_factor": None,
+                  "beta_fast": 32, "beta_slow": 1, "truncate": True}
+
+
+def check_rope(config) -> None:
+    kinds, rope = _rope_kinds(config)
+    if kinds - {"default", "llama3", "linear", "yarn"} or len(kinds - {"default"}) > 1:
+        raise ExportError(f"rope scaling {sorted(kinds - {'default'})} is not supported by the GGUF writer (it writes "
+                          "default, linear, yarn and llama3); export --to hf")
+    odd = [f"{k} {rope[k]}" for k, v in _YARN_DEFAULTS.items() if "yarn" in kinds and rope.get(k) not in (None, v)]
+    if odd:
+        raise ExportError(f"YaRN rope with {', '.join(odd)}: llama.cpp would rotate or scale this model's attention "
+                          "differently; export --to hf")
+
+
+def write_rope_scaling(w: gguf.GGUFWriter, config) -> None:
+    """Linear and YaRN rope scaling as llama.cpp's keys (Llama 3.x scaling is the rope_freqs tensor instead)."""
+    kinds, rope = _rope_kinds(config)
+    if "linear" in kinds:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+    elif "yarn" in kinds:
+        original = rope.get("original_max_position_embeddings") or config.max_position_embeddings
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(rope.get("factor") or config.max_position_embeddings / original))
+        w.add_rope_scaling_orig_ctx_len(int(original))
 
 
 def write_arch_keys(w: gguf.GGUFWriter, arch: str, config) -> None:
     """The keys of `arch` beyond the common ones (_write_hf_metadata)."""
+    write_rope_scaling(w, config)
     if arch == "gemma3":
         head_dim = config.head_dim
         if getattr(config, "query_pre_attn_scalar", head_dim) != head_dim:

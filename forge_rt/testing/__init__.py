@@ -27,12 +27,13 @@ TINY_ARCHS = {"llama": {"tie_word_embeddings": False}, "mistral": {}, "qwen2": {
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}}
 
 
-def make_tiny_model_dir(path: Path, tokenizer, arch: str = "llama", max_shard_size: str | None = None) -> Path:
+def make_tiny_model_dir(path: Path, tokenizer, arch: str = "llama", max_shard_size: str | None = None,
+                        **config) -> Path:
     """A random 2-layer causal LM of `arch` (a TINY_ARCHS key) saved with `tokenizer`, in shards of at most
-    `max_shard_size` if given."""
+    `max_shard_size` if given; `config`: settings over the arch's."""
     from transformers import AutoConfig, AutoModelForCausalLM
     torch.manual_seed(0)
-    settings = dict(TINY_ARCHS[arch])
+    settings = {**TINY_ARCHS[arch], **config}
     cfg = AutoConfig.for_model(settings.pop("model_type", arch), vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
