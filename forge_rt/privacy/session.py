@@ -22,7 +22,8 @@ class DPSettings:
     def check(self, pack: bool, grad_accum: int, world: int = 1) -> None:
         """Refusals that need no data: each names the flag and the fix."""
         if (self.epsilon is None) == (self.noise is None):
-            raise DPError("give one of --dp-epsilon (the noise is calibrated to it) or --dp-noise (sigma), not both")
+            raise DPError("--dp-* needs one of --dp-epsilon (the noise is calibrated to it) or --dp-noise (sigma), "
+                          "not both")
         if pack:
             raise DPError("--dp-* with --pack: examples packed into one row cannot be clipped one by one; "
                           "drop --pack (DP trains one example per row)")
@@ -60,11 +61,11 @@ class DPRun:
         self.clip_seconds, self.examples, self.clipped = 0.0, 0, 0
 
     @classmethod
-    def start(cls, model, settings: DPSettings, n_examples: int, expected_batch: int, total_steps: int, cfg,
-              world: int = 1) -> "DPRun":
-        """The run's DP side, after the refusals (`cfg`: the trainer's config, for pack, grad_accum and the
-        micro-batch size)."""
+    def start(cls, model, settings: DPSettings, n_examples: int, total_steps: int, cfg, world: int = 1) -> "DPRun":
+        """The run's DP side, after the refusals (`cfg`: the trainer's config, for pack, grad_accum, the expected
+        Poisson sample --dp-batch and the micro-batch --batch-size)."""
         settings.check(cfg.pack, cfg.grad_accum, world)
+        expected_batch = cfg.dp_batch or cfg.batch_size
         dp = cls(model, settings, n_examples, expected_batch, total_steps, cfg.batch_size)
         print(f"dp: noise multiplier {dp.sigma:.4g}, clip {settings.clip:g}, Poisson rate {dp.q:.4g} (expected "
               f"batch {expected_batch} of {n_examples}, in micro-batches of {dp.micro}), delta {settings.delta:g}, "

@@ -129,11 +129,8 @@ class TrainConfig:
                     parse_bytes(getattr(self, name), name)
                 except SizeError as exc:
                     raise ConfigError(str(exc)) from None
-        if self.dp:
+        if self.dp or self.dp_batch is not None:
             self.dp_settings().check(self.pack, self.grad_accum)
-        elif self.dp_batch is not None:
-            raise ConfigError("--dp-batch sets the Poisson sample of a DP step: add --dp-epsilon (or --dp-noise), "
-                              "or drop it (a non-private step's examples are --batch-size x --grad-accum)")
 
     @property
     def dp(self) -> bool:
@@ -155,9 +152,8 @@ class TrainConfig:
 # Smallest accepted value of each numeric knob, and why (for the error message).
 _MINIMUM = {"lora_r": 1, "lora_alpha": 1e-6, "batch_size": 1, "grad_accum": 1, "max_len": 2, "eval_batch_size": 1,
             "max_new_tokens": 1, "weight_decay": 0.0, "warmup_steps": 0, "max_steps": 0, "epochs": 0.0,
-            "max_grad_norm": 0.0, "checkpoint_every": 0, "log_every": 1, "eval_limit": 1, "seed": 0,
-            "dist_timeout": 1.0, "dp_epsilon": 1e-6, "dp_noise": 1e-6, "dp_clip": 1e-12, "dp_batch": 1,
-            "audit_candidates": 1}
+            "max_grad_norm": 0.0, "checkpoint_every": 0, "log_every": 1, "eval_limit": 1, "seed": 0, "dp_batch": 1,
+            "dist_timeout": 1.0, "dp_epsilon": 1e-6, "dp_noise": 1e-6, "dp_clip": 1e-12, "audit_candidates": 1}
 _WHY = {"max_len": "an example needs a prompt token and a response token",
         "max_steps": "0 means use --epochs; a negative count would train nothing and save an untrained adapter",
         "log_every": "progress is printed every N steps",

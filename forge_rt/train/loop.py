@@ -89,11 +89,9 @@ class DataOrder:
 
 
 def total_steps(cfg: TrainConfig, n_examples: int) -> int:
-    if cfg.max_steps:
-        return cfg.max_steps
-    if cfg.dp:  # [DP] one step is one Poisson sample of expected size --dp-batch
-        return max(1, math.ceil(cfg.epochs * n_examples / (cfg.dp_batch or cfg.batch_size)))
-    return max(1, math.ceil(cfg.epochs * math.ceil(n_examples / cfg.batch_size) / cfg.grad_accum))
+    # [DP] with --dp-batch a step is one Poisson sample of that expected size
+    per_epoch = n_examples / cfg.dp_batch if cfg.dp_batch else math.ceil(n_examples / cfg.batch_size) / cfg.grad_accum
+    return cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
 
 
 def _mark(monitor, phase: str, step: int | None = None) -> None:
@@ -147,8 +145,7 @@ class _State:
         self.step, self.last_loss, self.dp = 0, 0.0, None
         if cfg.dp:  # [DP] checked again with the data and the ranks; says its noise
             from forge_rt.privacy.session import DPRun
-            self.dp = DPRun.start(model, cfg.dp_settings(), n_examples, cfg.dp_batch or cfg.batch_size, self.total, cfg,
-                                  dist.world)
+            self.dp = DPRun.start(model, cfg.dp_settings(), n_examples, self.total, cfg, dist.world)
         if resume_state is not None:
             with torch.no_grad():
                 for name, value in resume_state["weights"].items():

@@ -60,7 +60,7 @@ def _strict_records(run: Path) -> list[dict]:
     (("--max-steps", "-3"), "max_steps must be >= 0"), (("--log-every", "0"), "log_every must be >= 1"),
     (("--max-len", "1"), "max_len must be >= 2"), (("--target-modules", ","), "names no module"),
     (("--lora-alpha=-inf",), "lora_alpha must be a finite number"),
-    (("--dp-batch", "64"), "--dp-batch sets the Poisson sample of a DP step")])
+    (("--dp-batch", "64"), "--dp-* needs one of --dp-epsilon")])
 def test_bad_hyperparameters_refused_up_front(tiny, tmp_path, capsys, no_model_load, flags, needle):
     _fails(tiny_args(*tiny, tmp_path / "run", *flags), capsys, needle)
     assert not (tmp_path / "run").exists()
