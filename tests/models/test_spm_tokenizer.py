@@ -19,9 +19,10 @@ pytest.importorskip("google.protobuf")  # transformers reads tokenizer.model thr
 TEXT = "Triage:  Temperature 77 C, café naïve 東京 12345 {\"status\": \"OK\"}"
 
 
-@pytest.fixture(scope="module")
-def spm_llama(tmp_path_factory):
-    """(HF directory of a random tiny Llama with a SentencePiece tokenizer, that tokenizer)."""
+@pytest.fixture(scope="module", params=[True, False], ids=["space_prefix", "no_space_prefix"])
+def spm_llama(request, tmp_path_factory):
+    """(HF directory of a random tiny Llama with a SentencePiece tokenizer, that tokenizer): one that puts '▁'
+    before the first word (Llama 2, Mistral), one that does not (Gemma)."""
     from transformers import AutoTokenizer
     from forge_rt.data.examples import demo_paths
     root = tmp_path_factory.mktemp("spm")
@@ -29,7 +30,7 @@ def spm_llama(tmp_path_factory):
     (root / "corpus.txt").write_text("\n".join(r["instruction"] + " " + r["input"] + " " + r["output"] for r in rows))
     spm.SentencePieceTrainer.train(input=str(root / "corpus.txt"), model_prefix=str(root / "sp"), vocab_size=600,
                                    model_type="bpe", byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2,
-                                   unk_id=0, pad_id=-1, minloglevel=2)
+                                   unk_id=0, pad_id=-1, minloglevel=2, add_dummy_prefix=request.param)
     src = root / "tok"
     src.mkdir()
     shutil.copy(root / "sp.model", src / "tokenizer.model")
@@ -39,6 +40,9 @@ def spm_llama(tmp_path_factory):
     tok.pad_token = tok.eos_token
     model_dir = make_tiny_model_dir(root / "hf", tok)
     shutil.copy(root / "sp.model", model_dir / "tokenizer.model")  # save_pretrained writes tokenizer.json only
+    if not request.param:  # transformers' LlamaTokenizer prepends '▁' unless its config says not to
+        config = json.loads((model_dir / "tokenizer_config.json").read_text())
+        (model_dir / "tokenizer_config.json").write_text(json.dumps({**config, "add_prefix_space": False}))
     return model_dir, AutoTokenizer.from_pretrained(model_dir)
 
 
@@ -52,6 +56,8 @@ def test_llamacpp_splits_text_like_the_hf_tokenizer(spm_llama, tmp_path):
     write_gguf(model, tok, out, "f32", None)
     fields = gguf.GGUFReader(out).fields
     assert bytes(fields["tokenizer.ggml.model"].parts[-1]) == b"llama"
+    prefix = tok.convert_ids_to_tokens(tok("Temperature").input_ids)[0].startswith("\u2581")
+    assert bool(fields["tokenizer.ggml.add_space_prefix"].parts[-1][0]) == prefix
     proc = spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
     scores = fields["tokenizer.ggml.scores"]
     assert [float(scores.parts[i][0]) for i in scores.data[:600]] == [proc.GetScore(i) for i in range(600)]
