@@ -10,7 +10,7 @@ import torch
 
 from forge_rt.core.dist import SINGLE, Dist
 from forge_rt.data import prompt_text
-from forge_rt.eval.score import score_examples
+from forge_rt.eval.score import perplexity_windows, score_examples
 
 
 def _device(model) -> torch.device:
@@ -50,20 +50,13 @@ def retention_perplexity(model, tokenizer, text: str, window: int = 512, stride:
     tokens of context carried over from the previous window. Under torchrun each rank scores every
     world-th window and the sums are gathered."""
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0].to(_device(model))
-    if ids.numel() < 2:
-        raise ValueError("retention text must have at least 2 tokens")
-    nll, count, scored_to = 0.0, 0, 1  # token 0 has no context: never scored
-    for w, begin in enumerate(range(0, ids.numel(), stride)):
-        end = min(begin + window, ids.numel())
-        new = max(scored_to - begin - 1, 0)  # targets already scored by the previous window
-        scored_to = end
+    nll, count = 0.0, 0
+    for w, (begin, end, new) in enumerate(perplexity_windows(ids.numel(), window, stride)):
         if w % dist.world == dist.rank:
             logits = model(input_ids=ids[begin:end].unsqueeze(0), use_cache=False).logits[0, :-1].float()
             targets = ids[begin + 1:end]
             nll += torch.nn.functional.cross_entropy(logits[new:], targets[new:], reduction="sum").item()
             count += targets.numel() - new
-        if end == ids.numel():
-            break
     sums = dist.gather([(nll, count)], "the retention perplexity")
     return math.exp(sum(n for n, _ in sums) / sum(c for _, c in sums))
 

@@ -3,13 +3,14 @@ llama.cpp, CPU; `pip install forge_rt[export]`). Prompts go through llama.cpp's 
 the GGUF's chat template, greedy, as a deployed llama-server would answer them."""
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
 
 from forge_rt.core.errors import ForgeError
 
-from forge_rt.eval.score import score_examples
+from forge_rt.eval.score import perplexity_windows, score_examples
 
 
 class LlamaCppError(ForgeError, RuntimeError):
@@ -78,6 +79,33 @@ class LlamaCppEngine:
         if len(choices) != len(prompts):
             raise LlamaCppError(f"llama.cpp answered {len(choices)} of {len(prompts)} prompts")
         return [c["text"].strip() for c in choices]
+
+    def token_logprobs(self, ids: list[int], first: int = 1) -> list[float]:
+        """log p(ids[i] | ids[:i]) for i = first .. len(ids) - 1, teacher-forced. The server scores no prompt
+        tokens, so each step asks for one token with ids[i] forced by a logit bias; the log-prob it reports for
+        the chosen token comes from the raw logits, before any sampler (equal to PyTorch's log-softmax on a tiny
+        f32 model: tests/eval/test_llamacpp_logprobs.py). The slot keeps the prefix's KV: one new token a step."""
+        out = []
+        for i in range(max(first, 1), len(ids)):
+            res = self.server.handle_completions({"prompt": ids[:i], "n_predict": 1, "n_probs": 1, "cache_prompt": True,
+                                                  "logit_bias": [[ids[i], 1e4]], "samplers": ["logit_bias", "top_k"],
+                                                  "top_k": 1, "temperature": 0.0})
+            if "error" in res:
+                raise LlamaCppError(f"llama.cpp: {res['error']}")
+            step = res["choices"][0]["logprobs"]["content"][0]
+            if step["id"] != ids[i]:
+                raise LlamaCppError(f"llama.cpp did not take the forced token {ids[i]} (got {step['id']})")
+            out.append(step["logprob"])
+        return out
+
+    def perplexity(self, ids: list[int], window: int = 512, stride: int = 256) -> float:
+        """Perplexity of a token sequence over the same sliding windows as forge_rt.eval.hf.retention_perplexity."""
+        nll, count = 0.0, 0
+        for begin, end, new in perplexity_windows(len(ids), window, stride):
+            logprobs = self.token_logprobs(ids[begin:end], first=1 + new)
+            nll -= sum(logprobs)
+            count += len(logprobs)
+        return math.exp(nll / count)
 
 
 def evaluate_gguf(gguf, lora=None, eval_rows=None, max_new_tokens: int = 64, threads: int | None = None) -> dict:

@@ -68,3 +68,20 @@ def score_examples(examples, answers: list[str]) -> dict:
     result["samples"] = [{"prompt": ex["messages"][-2]["content"], "reference": ref, "prediction": ans}
                          for ex, ref, ans in list(zip(examples, refs, answers))[:N_SAMPLES]]
     return result
+
+
+def perplexity_windows(n: int, window: int = 512, stride: int = 256):
+    """The sliding windows of a perplexity over n tokens, as (begin, end, first): the window is tokens
+    [begin, end) and its targets begin+1 .. end-1 from index `first` of them on are scored (the earlier ones
+    were scored by the previous window). Each token but the first is scored once, with up to window - stride
+    tokens of context carried over. The same windows for every engine (PyTorch, llama.cpp)."""
+    if n < 2:
+        raise ValueError("retention text must have at least 2 tokens")
+    scored_to = 1  # token 0 has no context: never scored
+    for begin in range(0, n, stride):
+        end = min(begin + window, n)
+        yield begin, end, max(scored_to - begin - 1, 0)
+        scored_to = end
+        if end == n:
+            return
+

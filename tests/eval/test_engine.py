@@ -59,3 +59,23 @@ def test_gguf_base_is_cached_per_base_and_settings(tiny_dir, tiny_peft, private_
     assert cached and again == first
     other, cached = ev.base_gguf(model, tok, "f32")
     assert not cached and other != first
+
+
+def test_llamacpp_perplexity_equals_pytorch(tiny_dir, tiny_peft, tmp_path):
+    """Teacher-forced log-probs from llama.cpp (the forced token's raw log-prob) over the same sliding windows
+    give PyTorch's retention perplexity of the same weights, adapter included (and not the base's)."""
+    from forge_rt.data import demo_paths
+    from forge_rt.eval.hf import retention_perplexity
+    from forge_rt.eval.llamacpp import LlamaCppEngine
+    model, tok = tiny_peft
+    ev = _evaluator(*tiny_dir)
+    base_gguf, _ = ev.base_gguf(model, tok, "f32")
+    engine = LlamaCppEngine(base_gguf, ev.lora_gguf(model, tmp_path), n_ctx=256, threads=1)
+    text = demo_paths()["retention"].read_text()[:400]
+    ids = tok(text, add_special_tokens=False).input_ids
+    ref = retention_perplexity(model, tok, text, window=48, stride=24)
+    with model.disable_adapter():
+        base = retention_perplexity(model, tok, text, window=48, stride=24)
+    assert len(ids) > 60 and abs(base / ref - 1) > 2e-3  # the adapter matters here (random weights: near uniform)
+    got = engine.perplexity(ids, window=48, stride=24)
+    assert got == pytest.approx(ref, rel=2e-4), (got, ref, base)
