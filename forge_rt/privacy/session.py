@@ -94,13 +94,16 @@ class DPRun:
         return self.accountant.epsilon(self.settings.delta)
 
     def state_dict(self) -> dict:
-        return {"accountant": self.accountant.state_dict(), "sigma": self.sigma, "q": self.q}
+        return {"accountant": self.accountant.state_dict(), "sigma": self.sigma, "q": self.q,
+                "examples": self.examples, "clipped": self.clipped, "clip_seconds": self.clip_seconds}
 
     def load_state_dict(self, state: dict) -> None:
         if abs(state["sigma"] - self.sigma) > 1e-9 * self.sigma or abs(state["q"] - self.q) > 1e-12:
             raise DPError(f"the checkpoint was trained with noise {state['sigma']:.4g} at sample rate {state['q']:.4g}, "
                           f"this run would use {self.sigma:.4g} at {self.q:.4g}; resume with the same data and flags")
         self.accountant.load_state_dict(state["accountant"])
+        self.examples, self.clipped = state.get("examples", 0), state.get("clipped", 0)  # what the record sums
+        self.clip_seconds = state.get("clip_seconds", 0.0)
 
     def record(self) -> dict:
         """What metrics.json says of the run's privacy (clip_seconds: the per-example part of the steps,

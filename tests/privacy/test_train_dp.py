@@ -51,6 +51,10 @@ def test_dp_run_reports_epsilon_and_resume_keeps_the_accountant(tiny, tmp_path, 
     assert train.main(["--resume", str(part), "--no-live"]) == 0
     resumed = json.loads((part / "metrics.json").read_text())["dp"]
     assert resumed["steps"] == 6 and resumed["epsilon_spent"] == pytest.approx(dp["epsilon_spent"], rel=1e-9)
+    # resuming a finished run (e.g. to evaluate again) keeps the whole run's counts, not the steps since
+    assert train.main(["--resume", str(full), "--no-live"]) == 0
+    again = json.loads((full / "metrics.json").read_text())["dp"]
+    assert again["examples_seen"] == dp["examples_seen"] > 0 and again["clipped_fraction"] == dp["clipped_fraction"]
 
 
 def test_dp_batch_is_the_poisson_sample_run_in_micro_batches(tiny, tmp_path, monkeypatch):
