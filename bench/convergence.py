@@ -81,7 +81,7 @@ def plot(record: dict, path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     by_lr: dict[str, list[dict]] = {}
     for r in record["runs"]:
-        label = f"lr {r['lr']:g}" + "".join(f", {k}={v}" for k, v in r["flags"].items())
+        label = r.get("label") or f"lr {r['lr']:g}" + "".join(f", {k}={v}" for k, v in r["flags"].items())
         by_lr.setdefault(label, []).append(r)
     for label, runs in sorted(by_lr.items()):
         runs.sort(key=lambda r: r["max_steps"])
@@ -93,8 +93,8 @@ def plot(record: dict, path: Path) -> None:
     ax2.axhline(10, color="grey", ls="--", lw=0.8)
     ax2.set(xlabel="epochs of the 623 training rows", ylabel="retention perplexity change, %",
             title="retention (guard: +10%)")
-    ax1.legend(fontsize=8)
-    fig.tight_layout()
+    fig.legend(*ax1.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8)
+    fig.tight_layout(rect=(0, 0.06 * ((len(by_lr) + 1) // 2), 1, 1))
     fig.savefig(path, dpi=110)
 
 
