@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run", type=Path)
     p.add_argument("--quants", default="f16,q8_0,q6_k,q5_k_m,q4_k_m")
     p.add_argument("--json", type=Path)
+    p.add_argument("--cases", help="only these, comma-separated KIND:QUANT[:imatrix] (default: each --quants merged, "
+                                   "then gguf:q4_k_m:imatrix, gguf-base:q4_k_m and gguf-base:q4_k_m:imatrix)")
     a = p.parse_args(argv)
     metrics, cfg = run_files(a.run)
     text = demo_paths()["retention"].read_text()
@@ -57,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         lora = tmp / "lora.gguf"
         export_run(a.run, {"gguf-lora": lora}, quant="f16")
         cases = [("gguf", q, False) for q in a.quants.split(",")]
-        cases += [("gguf", "q4_k_m", True), ("gguf-base", "q4_k_m", False)]
+        cases += [("gguf", "q4_k_m", True), ("gguf-base", "q4_k_m", False), ("gguf-base", "q4_k_m", True)]
+        if a.cases:
+            cases = [(c.split(":")[0], c.split(":")[1], c.endswith(":imatrix")) for c in a.cases.split(",")]
         for kind, quant, with_imatrix in cases:
             out = tmp / f"{kind}-{quant}{'-imatrix' if with_imatrix else ''}.gguf"
             export_run(a.run, {kind: out}, quant=quant, imatrix=tmp / "imatrix.dat" if with_imatrix else None)
