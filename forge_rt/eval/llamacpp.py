@@ -84,7 +84,7 @@ class LlamaCppEngine:
         """log p(ids[i] | ids[:i]) for i = first .. len(ids) - 1, teacher-forced. The server scores no prompt
         tokens, so each step asks for one token with ids[i] forced by a logit bias; the log-prob it reports for
         the chosen token comes from the raw logits, before any sampler (equal to PyTorch's log-softmax on a tiny
-        f32 model: tests/eval/test_llamacpp_logprobs.py). The slot keeps the prefix's KV: one new token a step."""
+        f32 model: tests/eval/test_engine.py). The slot keeps the prefix's KV: one new token a step."""
         out = []
         for i in range(max(first, 1), len(ids)):
             res = self.server.handle_completions({"prompt": ids[:i], "n_predict": 1, "n_probs": 1, "cache_prompt": True,

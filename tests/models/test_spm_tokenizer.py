@@ -76,3 +76,15 @@ def test_a_missing_tokenizer_model_is_said(spm_llama, tmp_path):
     with pytest.raises(ExportError, match="tokenizer.model is missing"):
         write_gguf(AutoModelForCausalLM.from_pretrained(bare), AutoTokenizer.from_pretrained(bare), tmp_path / "x.gguf",
                    "f32", None)
+
+
+def test_a_run_keeps_the_tokenizer_model_its_export_needs(spm_llama, tmp_path):
+    """A run's tokenizer/ (what `forge_rt.export RUN` loads) holds tokenizer.model, which save_pretrained leaves out."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from forge_rt.export.gguf_model import write_gguf
+    from forge_rt.train.place import save_adapter
+    model_dir, tok = spm_llama
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    save_adapter(model, tok, tmp_path)
+    assert (tmp_path / "tokenizer" / "tokenizer.model").read_bytes() == (model_dir / "tokenizer.model").read_bytes()
+    write_gguf(model, AutoTokenizer.from_pretrained(tmp_path / "tokenizer"), tmp_path / "run.gguf", "f32", None)

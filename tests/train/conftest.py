@@ -15,6 +15,8 @@ def tiny(smol_tok, tmp_path_factory):
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Bad input must be reported before any model is loaded."""
+    from forge_rt.train import run  # imported first: patched inside a test, its own binding would keep `fail`
     def fail(*a, **k):
         raise AssertionError("model loaded before the input was validated")
     monkeypatch.setattr(model_load, "load_model", fail)
+    monkeypatch.setattr(run, "load_model", fail)  # the name the trainer calls
