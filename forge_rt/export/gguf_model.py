@@ -156,8 +156,9 @@ def _pre_tokenizer(spec: dict | None) -> str:
 def _spm_pieces(tok) -> dict[int, tuple[bytes, float, int]]:
     """{id: (piece, score, type)} of a SentencePiece tokenizer from the tokenizer.model beside it: llama.cpp's
     SPM tokenizer merges by these scores (tokenizer.json has none), so they must be the model's own."""
-    model_file = Path(getattr(tok, "name_or_path", "") or ".") / "tokenizer.model"
-    if not model_file.is_file():
+    source = getattr(tok, "name_or_path", None)
+    model_file = Path(source or "<unknown directory>") / "tokenizer.model"
+    if not source or not model_file.is_file():
         raise ExportError(f"the tokenizer is SentencePiece-based but {model_file} is missing: llama.cpp needs its "
                           "piece scores; copy the model's tokenizer.model beside tokenizer.json, or export --to hf")
     from forge_rt.core.errors import require_extra

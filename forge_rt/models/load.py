@@ -27,7 +27,7 @@ def load_tokenizer(path: str | os.PathLike | None = None):
         if p.is_file():
             st = p.stat()
             tok = copy.deepcopy(_gguf_tokenizer(str(p.resolve()), st.st_size, st.st_mtime_ns))
-            trim_heap()  # the copy goes through the vocabulary as JSON: Gemma 3's 262k ids left ~260 MiB of heap
+            trim_heap()  # the copy goes through the vocabulary as JSON (Gemma 3: bench/results/tokenizer_rss.json)
         else:
             tok = AutoTokenizer.from_pretrained(p)
     except (OSError, ValueError, KeyError) as exc:
@@ -47,7 +47,7 @@ def _gguf_tokenizer(path: str, size: int, mtime_ns: int):
     p = Path(path)
     with fast_gguf():
         tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
-    trim_heap()  # the conversion's Python lists of tokens and merges (Gemma 3: ~80 MiB of heap)
+    trim_heap()  # the conversion's Python lists of tokens and merges
     return tok
 
 

@@ -94,9 +94,9 @@ def save_adapter(model, tok, run: Path) -> None:
         try:
             with atomic_path(final, overwrite=True) as tmp:
                 obj.save_pretrained(tmp)
-                spm = Path(getattr(obj, "name_or_path", "") or "/nonexistent") / "tokenizer.model"
-                if name == "tokenizer" and spm.is_file():  # transformers writes tokenizer.json only; a GGUF export
-                    shutil.copyfile(spm, Path(tmp) / "tokenizer.model")  # needs SentencePiece's scores from it
+                source = getattr(obj, "name_or_path", None) if name == "tokenizer" else None
+                if source and (Path(source) / "tokenizer.model").is_file():  # save_pretrained leaves it out; a
+                    shutil.copyfile(Path(source) / "tokenizer.model", Path(tmp) / "tokenizer.model")  # GGUF needs it
         except (OSError, SafetensorError) as exc:
             last = ckpt.latest_checkpoint(run / "checkpoints")
             raise RunError(f"could not write {final} ({getattr(exc, 'strerror', None) or exc}); the final checkpoint "
